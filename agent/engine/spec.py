@@ -1,0 +1,27 @@
+"""EngineSpec: everything an engine needs to load one model, resolved from Settings by the model loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent.config import Attention, DType, Quantization
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    folder: Path  # local Hugging Face folder (see agent.engine.checkpoints)
+    name: str  # served model name
+    device: str = "cpu"  # "cpu" | "cuda" (resolved, never "auto")
+    dtype: DType = DType.auto
+    quantization: Quantization = Quantization.none
+    attention: Attention = Attention.sdpa
+    max_batch_size: int = 32
+    image_min_pixels: int = 64 * 64
+    image_max_pixels: int = 1024 * 1024
+    vllm_enforce_eager: bool = True
+    vllm_max_model_len: int = 4096
+    cache_dir: Path = Path.home() / ".cache" / "newbie-app"
+
+    def with_(self, **changes: object) -> EngineSpec:
+        return replace(self, **changes)
