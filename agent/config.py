@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Quantization(str, enum.Enum):
+class Quantization(enum.StrEnum):
     none = "none"
     int4 = "int4"
     int8 = "int8"
@@ -22,13 +22,13 @@ class Quantization(str, enum.Enum):
     gptq = "gptq"
 
 
-class Attention(str, enum.Enum):
+class Attention(enum.StrEnum):
     eager = "eager"
     sdpa = "sdpa"
     flash_attention_2 = "flash_attention_2"
 
 
-class LoadingStrategy(str, enum.Enum):
+class LoadingStrategy(enum.StrEnum):
     auto = "auto"
     transformers = "transformers"
     vllm = "vllm"
@@ -36,13 +36,13 @@ class LoadingStrategy(str, enum.Enum):
     triton = "triton"  # gateway mode: the engine is a client of a running Triton server
 
 
-class Device(str, enum.Enum):
+class Device(enum.StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
-class DType(str, enum.Enum):
+class DType(enum.StrEnum):
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"

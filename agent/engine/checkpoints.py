@@ -111,5 +111,7 @@ def _from_hub(repo_id: str) -> ResolvedModel:
 
         folder = Path(snapshot_download(repo_id))
     except Exception as exc:  # offline, unknown repo, auth: all mean "cannot load this here"
-        raise ModelLoadError(f"MODEL_PATH={repo_id!r}: could not fetch from the hub ({type(exc).__name__}: {exc})")
+        raise ModelLoadError(
+            f"MODEL_PATH={repo_id!r}: could not fetch from the hub ({type(exc).__name__}: {exc})"
+        ) from exc
     return ResolvedModel(folder=folder, name=repo_id, source="hub")
