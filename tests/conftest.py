@@ -1,0 +1,75 @@
+"""Session-wide fixtures: the real small models, and one loaded engine shared by every test that needs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import DType, Quantization, load_settings
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    return load_settings().model_cache_dir
+
+
+@pytest.fixture(scope="session")
+def smollm_folder(model_cache_dir: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once to a safetensors folder."""
+    from agent.engine.checkpoints import resolve_model
+
+    return resolve_model(None, model_cache_dir).folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_folder(model_cache_dir: Path) -> Path:
+    """A tiny random Qwen3-VL (real architecture and processor), built offline once."""
+    from agent.devtools.tiny_qwen3vl import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(model_cache_dir / "tiny-qwen3vl")
+
+
+@pytest.fixture(scope="session")
+def smollm_spec(smollm_folder: Path):
+    from agent.engine.spec import EngineSpec
+
+    # fp32: deterministic greedy output and no slow bf16 warm-up in tests.
+    return EngineSpec(
+        folder=smollm_folder,
+        name="SmolLM2-135M-Instruct",
+        dtype=DType.float32,
+        quantization=Quantization.none,
+        max_batch_size=16,
+    )
+
+
+@pytest.fixture(scope="session")
+async def smollm_engine(smollm_spec):
+    """One started transformers engine on SmolLM2 for the whole test session."""
+    from agent.engine.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(smollm_spec)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def tiny_vl_engine(tiny_vl_folder: Path):
+    """One started transformers engine on the tiny Qwen3-VL for the whole test session."""
+    from agent.engine.spec import EngineSpec
+    from agent.engine.transformers_engine import TransformersEngine
+
+    spec = EngineSpec(
+        folder=tiny_vl_folder,
+        name="tiny-qwen3-vl",
+        dtype=DType.float32,
+        quantization=Quantization.none,
+        max_batch_size=8,
+        image_max_pixels=256 * 256,
+    )
+    engine = TransformersEngine(spec)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
