@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from agent.config import Settings, load_settings
 
@@ -18,19 +19,47 @@ def main(argv: list[str]) -> int:
 
     resolved = resolve_model(settings.model_path, settings.model_cache_dir)
     log.info("model ready: %s (%s) at %s", resolved.name, resolved.source, resolved.folder)
-    try:
-        from agent.serving.triton_launcher import prepare_server
-    except ImportError:  # the Triton door is optional for the FastAPI-only install
-        return 0
+    from agent.serving.triton_launcher import prepare_server
+
     log.info("triton ready: %s", prepare_server())
     return 0
 
 
-def print_config(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="dsa-agent config", description="Print settings").parse_args(argv)
-    settings = load_settings()
+def _default(field) -> str:
+    value = field.default
+    value = getattr(value, "value", value)
+    if value is None:
+        return "(unset)"
+    return f"`{value}`".replace(str(Path.home()), "~")
+
+
+def settings_markdown() -> str:
+    """The environment-variable reference (docs/configuration.md is generated from this and checked by a test)."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting is an environment variable (generated from `agent/config.py` by `dsa-agent config --markdown`).",
+        "A bad value stops start-up with a message naming the variable and what it allows.",
+        "",
+        "| Variable | Default | Description |",
+        "|---|---|---|",
+    ]
     for name, field in Settings.model_fields.items():
+        doc = " ".join((field.description or "").split())
+        lines.append(f"| `{name.upper()}` | {_default(field)} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_config(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dsa-agent config", description="Print the settings in effect")
+    parser.add_argument("--markdown", action="store_true", help="print the reference table (docs/configuration.md)")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(settings_markdown(), end="")
+        return 0
+    settings = load_settings()
+    for name in Settings.model_fields:
         value = getattr(settings, name)
         value = getattr(value, "value", value)
-        print(f"{name.upper()}={'' if value is None else value}\n    {field.description or ''}")
+        print(f"{name.upper()}={'' if value is None else value}")
     return 0
