@@ -49,8 +49,10 @@ def embedded_gguf() -> Path:
 
 
 def _gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    # Keyed by content (size + first MiB), not location or mtime: every checkout's venv shares one conversion.
+    with open(gguf, "rb") as fh:
+        head = fh.read(1 << 20)
+    key = hashlib.sha256(f"{gguf.stat().st_size}:".encode() + head).hexdigest()[:12]
     return cache_dir / "converted" / f"{gguf.stem}-{key}"
 
 
