@@ -1,0 +1,283 @@
+"""Load generators: N concurrent streaming clients, each request generating exactly `tokens` tokens.
+
+Two wire protocols: OpenAI-compatible SSE (`/v1/chat/completions`: our FastAPI door and `vllm serve`) and Triton
+(gRPC streaming via tritonclient, HTTP `generate_stream` SSE). Each request records time to first token, the gaps
+between tokens and its end-to-end time; a level's aggregate tok/s is all tokens over the level's wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+PROMPTS = [
+    "Explain how a hash table handles collisions.",
+    "What is the difference between a stack and a queue?",
+    "Describe binary search on a sorted array.",
+    "Why is quicksort fast on average?",
+]
+
+
+@dataclass
+class RequestSample:
+    ttft: float
+    e2e: float
+    tokens: int
+    gaps: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    tokens: int
+    tok_per_s: float
+    req_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    itl_p50_ms: float
+    e2e_p50_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summarize(concurrency: int, samples: list[RequestSample], errors: int, wall: float) -> LevelResult:
+    tokens = sum(s.tokens for s in samples)
+    gaps = [g for s in samples for g in s.gaps]
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(samples),
+        errors=errors,
+        wall_s=round(wall, 3),
+        tokens=tokens,
+        tok_per_s=round(tokens / wall, 2) if wall else 0.0,
+        req_per_s=round(len(samples) / wall, 3) if wall else 0.0,
+        ttft_p50_ms=round(1000 * _pct([s.ttft for s in samples], 0.5), 2),
+        ttft_p95_ms=round(1000 * _pct([s.ttft for s in samples], 0.95), 2),
+        itl_p50_ms=round(1000 * statistics.median(gaps), 2) if gaps else float("nan"),
+        e2e_p50_s=round(_pct([s.e2e for s in samples], 0.5), 3),
+    )
+
+
+async def run_level(one: Callable[[int], Awaitable[RequestSample]], concurrency: int, requests: int) -> LevelResult:
+    """`requests` calls of `one`, at most `concurrency` at a time."""
+    samples: list[RequestSample] = []
+    errors = 0
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        nonlocal errors
+        for i in counter:
+            try:
+                samples.append(await one(i))
+            except Exception:  # a failed request is counted, the run goes on
+                errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(concurrency, samples, errors, time.perf_counter() - started)
+
+
+class OpenAIStream:
+    """One streaming chat completion against an OpenAI-compatible server (FastAPI door or `vllm serve`)."""
+
+    def __init__(self, base_url: str, model: str, tokens: int) -> None:
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=256))
+        self.model = model
+        self.tokens = tokens
+
+    async def __call__(self, i: int) -> RequestSample:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "max_tokens": self.tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "ignore_eos": True,  # vLLM's extension, also accepted by our door: every request makes exactly N tokens
+            "stream_options": {"include_usage": True},
+        }
+        start = time.perf_counter()
+        first = last = None
+        gaps: list[float] = []
+        tokens = 0
+        async with self.client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if not any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+        end = time.perf_counter()
+        if first is None:
+            raise RuntimeError("no content streamed")
+        return RequestSample(ttft=first - start, e2e=end - start, tokens=tokens, gaps=gaps)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class TritonHttpStream:
+    """One request through Triton's HTTP `generate_stream` (SSE) on the decoupled model."""
+
+    def __init__(self, url: str, model: str, tokens: int) -> None:
+        self.client = httpx.AsyncClient(base_url=f"http://{url}", timeout=600, limits=httpx.Limits(max_connections=256))
+        self.path = f"/v2/models/{model}/generate_stream"
+        self.tokens = tokens
+
+    async def __call__(self, i: int) -> RequestSample:
+        body = {
+            "text_input": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": self.tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        start = time.perf_counter()
+        first = last = None
+        gaps: list[float] = []
+        tokens = 0
+        async with self.client.stream("POST", self.path, json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                tokens = int(event.get("completion_tokens", tokens))
+                if not event.get("text_output"):
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+        end = time.perf_counter()
+        if first is None:
+            raise RuntimeError("no content streamed")
+        return RequestSample(ttft=first - start, e2e=end - start, tokens=tokens, gaps=gaps)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class TritonGrpcStream:
+    """One request through Triton's gRPC bidirectional stream (one tritonclient stream per request, in a thread)."""
+
+    def __init__(self, url: str, model: str, tokens: int) -> None:
+        self.url, self.model, self.tokens = url, model, tokens
+
+    def _blocking(self, i: int) -> RequestSample:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        def tensor(name: str, value: object, dtype: str, np_dtype: object) -> grpcclient.InferInput:
+            t = grpcclient.InferInput(name, [1, 1], dtype)
+            t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
+            return t
+
+        inputs = [
+            tensor("text_input", PROMPTS[i % len(PROMPTS)].encode(), "BYTES", np.object_),
+            tensor("max_tokens", self.tokens, "INT32", np.int32),
+            tensor("temperature", 0.0, "FP32", np.float32),
+            tensor("ignore_eos", True, "BOOL", bool),
+            tensor("stream", True, "BOOL", bool),
+        ]
+        events: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        start = time.perf_counter()
+        client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
+        client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+        first = last = None
+        gaps: list[float] = []
+        tokens = 0
+        try:
+            while True:
+                now, result, error = events.get(timeout=600)
+                if error is not None:
+                    raise RuntimeError(str(error))
+                response = result.get_response()
+                if "text_output" in {o.name for o in response.outputs}:
+                    text = result.as_numpy("text_output").reshape(-1)[0]
+                    tokens = int(result.as_numpy("completion_tokens").reshape(-1)[0])
+                    if text:
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append(now - last)
+                        last = now
+                if response.parameters.get("triton_final_response", None) and (
+                    response.parameters["triton_final_response"].bool_param
+                ):
+                    break
+        finally:
+            client.stop_stream()
+            client.close()
+        if first is None:
+            raise RuntimeError("no content streamed")
+        return RequestSample(ttft=first - start, e2e=time.perf_counter() - start, tokens=tokens, gaps=gaps)
+
+    async def __call__(self, i: int) -> RequestSample:
+        return await asyncio.to_thread(self._blocking, i)
+
+    async def close(self) -> None:
+        return None
+
+
+class InProcessEngine:
+    """Requests straight into an Engine object (no door): the transformers engine with batching on or off."""
+
+    def __init__(self, engine: object, tokens: int) -> None:
+        self.engine, self.tokens = engine, tokens
+
+    async def __call__(self, i: int) -> RequestSample:
+        from agent.engine.types import GenerationRequest, Message, SamplingParams
+
+        request = GenerationRequest(
+            messages=(Message.text("user", PROMPTS[i % len(PROMPTS)]),),
+            sampling=SamplingParams(max_new_tokens=self.tokens, temperature=0.0, ignore_eos=True),
+        )
+        start = time.perf_counter()
+        first = last = None
+        gaps: list[float] = []
+        tokens = 0
+        async for chunk in self.engine.generate(request):
+            tokens = chunk.completion_tokens
+            if chunk.text:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+        return RequestSample(ttft=(first or start) - start, e2e=time.perf_counter() - start, tokens=tokens, gaps=gaps)
+
+    async def close(self) -> None:
+        return None
