@@ -1,0 +1,102 @@
+"""The FastAPI door (:8000): the seed's REST routes, sessions, OpenAI-compatible routes, /metrics and the web UI.
+
+`create_app()` builds the app; its lifespan opens the history store and starts loading the model in the background,
+so `/health` answers 503 `{"status": "loading"}` until the model is ready. `dsa-agent serve` runs it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from agent.config import Settings, get_settings, load_settings
+from agent.engine.base import Engine
+from agent.serving.api import metrics as metrics_routes
+from agent.serving.api import routes_openai, routes_seed, routes_sessions
+from agent.serving.api.errors import RequestContextMiddleware, install_error_handlers
+from agent.serving.api.limits import BodyLimitMiddleware
+from agent.serving.api.metrics import Metrics, MetricsMiddleware
+from agent.serving.engine_runner import EngineRunner, Loader
+from agent.serving.history_store import HistoryStore
+from agent.serving.inference_engine import ChatService
+
+log = logging.getLogger(__name__)
+
+WEB_UI_DIR = Path(__file__).resolve().parent.parent / "client" / "web" / "static"
+GRACEFUL_SHUTDOWN_SECONDS = 10  # streams still open after this are cut so the server stops
+
+DESCRIPTION = """Self-hosted vision-language chat server (the seed's "original FastAPI server").
+
+Errors have one JSON shape: `{"error": {"message", "type", "code", "param"}}`; 429 and 503 carry `Retry-After`.
+"""
+
+
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, *, loader: Loader | None = None
+) -> FastAPI:
+    """The FastAPI app.
+
+    `engine`: an already started engine to serve (tests inject `FakeEngine` or a shared real engine); the app then
+    skips loading and never shuts it down. Otherwise the model in `settings` is loaded in the background with
+    `loader` (default `agent.serving.model_loader.load_engine`), which `/load_model` also uses.
+    """
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = await asyncio.to_thread(HistoryStore, settings.history_db)
+        runner = EngineRunner(settings, engine=engine, loader=loader, observer=metrics)
+        metrics.bind(runner.admission)
+        app.state.service = ChatService(settings, store, runner)
+        runner.start()
+        try:
+            yield
+        finally:
+            await runner.shutdown()
+            store.close()
+
+    app = FastAPI(title="newbie-app", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    for router in (routes_seed.router, routes_sessions.router, routes_openai.router, metrics_routes.router):
+        app.include_router(router)
+    # add_middleware wraps: the last added runs first (request id and 500s outermost, then metrics, then limits).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware)
+    if WEB_UI_DIR.is_dir():  # after the API routes: "/" must not shadow them
+        app.mount("/", StaticFiles(directory=WEB_UI_DIR, html=True), name="web")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsa-agent serve`: run the FastAPI door with uvicorn on HOST:PORT (flags override the environment)."""
+    parser = argparse.ArgumentParser(prog="dsa-agent serve", description="Start the FastAPI door (:8000).")
+    parser.add_argument("--host", help="bind address (default: HOST, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: PORT, 8000)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    settings = load_settings(**overrides)
+
+    import uvicorn
+
+    log.info("FastAPI door on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    return 0
