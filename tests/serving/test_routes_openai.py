@@ -132,3 +132,14 @@ async def test_openai_client_sees_errors_as_exceptions(tmp_path: Path) -> None:
         client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="unused", http_client=http, max_retries=0)
         with pytest.raises(openai.NotFoundError, match="fake-model"):
             await client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_ignore_eos_extension_reaches_the_engine(tmp_path: Path) -> None:
+    """vLLM's `ignore_eos` (used by `make bench` for fixed-length requests) is honoured like `vllm serve` does."""
+    engine = FakeEngine(model_name="fake-model")
+    async with client_for(tmp_path, engine) as http:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        assert engine.last_request is not None and engine.last_request.sampling.ignore_eos is False
+        assert (await http.post("/v1/chat/completions", json={**body, "ignore_eos": True})).status_code == 200
+        assert engine.last_request.sampling.ignore_eos is True

@@ -54,6 +54,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate exactly max_tokens (benchmarks)")
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     tools: list[Any] | None = Field(None, description="not supported")
 

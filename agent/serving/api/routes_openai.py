@@ -81,6 +81,7 @@ async def _generation_request(body: ChatCompletionRequest, service: ChatService)
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_sequences,
+        ignore_eos=body.ignore_eos,
         field="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
     )
     return GenerationRequest(messages=messages, sampling=sampling)

@@ -32,6 +32,7 @@ def sampling_params(
     top_p: float | None,
     seed: int | None,
     stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
     field: str = "max_new_tokens",
 ) -> SamplingParams:
     """Sampling for one request: the request's values within the server's limits, else the settings' defaults."""
@@ -43,6 +44,7 @@ def sampling_params(
         top_p=settings.top_p if top_p is None else top_p,
         seed=seed,
         stop=stop,
+        ignore_eos=ignore_eos,
     )
 
 
