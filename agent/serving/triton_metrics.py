@@ -1,0 +1,103 @@
+"""The Triton model's custom metrics (python backend metric API), and reading them back from the metrics port.
+
+Besides Triton's own `nv_inference_*`, the model publishes tokens generated, time to first token, inter-token
+latency, the running count, cancellations, and `dsa_triton_model_info{...} 1` whose labels describe the loaded engine
+(the gateway engine reads them for its `info()`; Prometheus users join on them like any `*_info` metric).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.engine.types import EngineInfo
+
+INFO_METRIC = "dsa_triton_model_info"
+RUNNING_METRIC = "dsa_triton_running_requests"
+ABORTED_METRIC = "dsa_triton_aborted_requests_total"
+ENGINE_RUNNING_METRIC = "dsa_triton_engine_running_requests"
+ENGINE_WAITING_METRIC = "dsa_triton_engine_waiting_requests"
+TOKENS_METRIC = "dsa_triton_generated_tokens_total"
+TTFT_METRIC = "dsa_triton_time_to_first_token_seconds"
+ITL_METRIC = "dsa_triton_inter_token_latency_seconds"
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class ModelMetrics:
+    """The metric handles one model instance updates. Families are kept: a family must outlive its metrics."""
+
+    tokens: Any
+    ttft: Any
+    itl: Any
+    running: Any
+    aborted: Any
+    engine_running: Any
+    engine_waiting: Any
+    info: Any
+    families: list[Any]
+
+    @classmethod
+    def create(cls, pb_utils: Any, labels: dict[str, str]) -> ModelMetrics:
+        kinds = pb_utils.MetricFamily
+        families: list[Any] = []
+
+        def metric(name: str, description: str, kind: Any, **extra: Any) -> Any:
+            families.append(kinds(name=name, description=description, kind=kind))
+            return families[-1].Metric(labels=extra.pop("labels", labels), **extra)
+
+        return cls(
+            tokens=metric(TOKENS_METRIC, "Tokens generated", kinds.COUNTER),
+            ttft=metric(TTFT_METRIC, "Seconds to the first token", kinds.HISTOGRAM, buckets=LATENCY_BUCKETS),
+            itl=metric(ITL_METRIC, "Seconds between streamed chunks", kinds.HISTOGRAM, buckets=LATENCY_BUCKETS),
+            running=metric(RUNNING_METRIC, "Requests in the engine now", kinds.GAUGE),
+            aborted=metric(ABORTED_METRIC, "Requests cancelled by their client", kinds.COUNTER),
+            engine_running=metric(ENGINE_RUNNING_METRIC, "The engine's own count of running requests", kinds.GAUGE),
+            engine_waiting=metric(ENGINE_WAITING_METRIC, "The engine's own count of waiting requests", kinds.GAUGE),
+            info=None,
+            families=families,
+        )
+
+    def publish_info(self, pb_utils: Any, labels: dict[str, str], info: EngineInfo) -> None:
+        """`dsa_triton_model_info{model, version, <EngineInfo fields>} 1` once the engine is loaded."""
+        kinds = pb_utils.MetricFamily
+        family = kinds(name=INFO_METRIC, description="The loaded engine, in labels (1 while serving)", kind=kinds.GAUGE)
+        self.families.append(family)
+        # loaded_at tells a reloaded model's info from its predecessor's while both are briefly loaded.
+        described = {k: str(v) for k, v in asdict(info).items()} | {"loaded_at": f"{time.time():.3f}"}
+        self.info = family.Metric(labels={**labels, **described})
+        self.info.set(1)
+
+
+def parse_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of metric `name` in Prometheus text: (labels, value)."""
+    out = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match.group("name") == name:
+            labels = dict(_LABEL.findall(match.group("labels") or ""))
+            out.append((labels, float(match.group("value"))))
+    return out
+
+
+def parse_model_info(text: str, model: str) -> EngineInfo | None:
+    """The EngineInfo the model `model` published (None if it has not, e.g. still loading); the newest load wins."""
+    serving = [lab for lab, value in parse_samples(text, INFO_METRIC) if lab.get("model") == model and value == 1]
+    if not serving:
+        return None
+    labels = max(serving, key=lambda lab: float(lab.get("loaded_at", "0") or 0))
+    return EngineInfo(
+        model_name=labels.get("model_name", model),
+        engine=labels.get("engine", "unknown"),
+        supports_images=labels.get("supports_images") == "True",
+        context_length=int(labels.get("context_length", "0") or 0),
+        device=labels.get("device", "cpu"),
+        model_path=labels.get("model_path", ""),
+        dtype=labels.get("dtype", "auto"),
+        quantization=labels.get("quantization", "none"),
+    )
