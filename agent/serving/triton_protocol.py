@@ -36,6 +36,8 @@ TEMPERATURE = "temperature"
 TOP_P = "top_p"
 SEED = "seed"
 STREAM = "stream"
+IGNORE_EOS = "ignore_eos"
+STOP = "stop"
 
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"
@@ -53,6 +55,8 @@ INPUT_DATATYPES: dict[str, str] = {
     TOP_P: "FP32",
     SEED: "INT64",
     STREAM: "BOOL",
+    IGNORE_EOS: "BOOL",
+    STOP: "BYTES",
 }
 
 _ROLES = ("system", "user", "assistant")
@@ -231,6 +235,11 @@ def _sampling(get: TensorGetter, limits: RequestLimits) -> SamplingParams:
     temperature = _scalar(get, TEMPERATURE)
     top_p = _scalar(get, TOP_P)
     seed = _scalar(get, SEED)
+    ignore_eos = _scalar(get, IGNORE_EOS)
+    stop_array = get(STOP)
+    stop = () if stop_array is None else tuple(_text(v, STOP) for v in np.asarray(stop_array).reshape(-1))
+    if any(not s for s in stop):
+        raise ValidationFailed("stop: stop strings must not be empty")
     max_new = limits.max_new_tokens if max_tokens is None else int(max_tokens)
     if max_new < 1:
         raise ValidationFailed(f"max_tokens: must be >= 1, got {max_new}")
@@ -246,6 +255,8 @@ def _sampling(get: TensorGetter, limits: RequestLimits) -> SamplingParams:
         temperature=temp,
         top_p=p,
         seed=None if seed is None else int(seed),
+        stop=stop,
+        ignore_eos=bool(ignore_eos) if ignore_eos is not None else False,
     )
 
 
@@ -313,6 +324,10 @@ def encode_request(request: GenerationRequest, *, stream: bool) -> dict[str, np.
     }
     if s.seed is not None:
         tensors[SEED] = np.array([[s.seed]], dtype=np.int64)
+    if s.ignore_eos:
+        tensors[IGNORE_EOS] = np.array([[True]], dtype=np.bool_)
+    if s.stop:
+        tensors[STOP] = _bytes_tensor(list(s.stop))
     return tensors
 
 

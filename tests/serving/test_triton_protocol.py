@@ -118,7 +118,9 @@ def test_gateway_encoding_roundtrips_through_the_model_decoder() -> None:
             Message.text("assistant", "green"),
             Message.text("user", "sure?"),
         ),
-        sampling=SamplingParams(max_new_tokens=9, temperature=0.0, top_p=0.7, seed=3),
+        sampling=SamplingParams(
+            max_new_tokens=9, temperature=0.0, top_p=0.7, seed=3, stop=("\n\n", "END"), ignore_eos=True
+        ),
     )
     encoded = proto.encode_request(request, stream=True)
     assert all(a.shape[0] == 1 for a in encoded.values())  # batch dimension of 1
