@@ -1,0 +1,86 @@
+"""Per-request token choice and stop strings for the ONNX engine (pure numpy/Python: unit-testable without a model).
+
+The engine chooses tokens itself rather than with onnxruntime-genai's sampler because the sampler's options
+(temperature, top-p, seed, min length) are per generator, i.e. per batch: choosing per row lets requests with
+different sampling settings share one forward batch, and gives each seeded request its own random stream, so its
+output does not depend on which other requests it was batched with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from agent.engine.types import SamplingParams
+
+_TOP_P_CANDIDATES = 1024  # nucleus search starts with the top-k logits; falls back to a full sort when too flat
+
+
+def choose_token(
+    logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator, banned: Sequence[int] = ()
+) -> int:
+    """One token from a row of logits: argmax when greedy, else temperature + top-p sampling. `banned` ids (EOS
+    while a minimum length is not reached) are never chosen."""
+    if banned:
+        logits = logits.copy()
+        logits[list(banned)] = -np.inf
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        ids = _nucleus(probs, sampling.top_p)
+        kept = probs[ids] / probs[ids].sum()
+        return int(ids[rng.choice(len(ids), p=kept)])
+    return int(rng.choice(len(probs), p=probs))
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Smallest set of most likely ids whose probabilities sum to at least top_p."""
+    k = min(_TOP_P_CANDIDATES, len(probs))
+    top = np.argpartition(probs, -k)[-k:]
+    if probs[top].sum() < top_p:  # a flat distribution: the candidates are not enough
+        top = np.arange(len(probs))
+    order = top[np.argsort(probs[top])[::-1]]
+    cut = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1
+    return order[:cut]
+
+
+class StopStringFilter:
+    """Streams text while holding back any tail that could still become a stop string.
+
+    `feed(delta)` returns (text safe to send now, whether a stop string was found); on a match the text before it is
+    returned and the rest is dropped. `flush()` returns what was held back once generation ends for another reason.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if not self.stops:
+            return delta, False
+        text = self._held + delta
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        keep = self._partial_suffix(text)
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _partial_suffix(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,236 @@
+"""ONNX Runtime GenAI engine: build cache, sampling/stop helpers, and the cohort scheduler on the real int4 SmolLM2.
+
+The engine contract (stream shape, abort, stop strings, ...) is covered by test_contract.py with the "onnx" kind;
+these tests cover what is specific to this engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config import Quantization
+from agent.engine.errors import ModelLoadError
+from agent.engine.onnx_build import OnnxBuildOptions, cache_entry, check_buildable, ensure_onnx_model, precision_for
+from agent.engine.onnx_sampling import StopStringFilter, choose_token
+from agent.engine.spec import EngineSpec
+from agent.engine.types import GenerationChunk, GenerationRequest, Message, SamplingParams
+
+# --- pure helpers (no model) -----------------------------------------------------------------------------------------
+
+
+def test_stop_filter_holds_back_partial_matches() -> None:
+    f = StopStringFilter(["END", "\n\n"])
+    assert f.feed("hello E") == ("hello ", False)  # "E" may start "END": held back
+    assert f.feed("x") == ("Ex", False)  # it did not: released
+    assert f.feed(" tail EN") == (" tail ", False)
+    assert f.feed("D and more") == ("", True)  # stop found: the rest is dropped
+    g = StopStringFilter(["stop"])
+    assert g.feed("so st") == ("so ", False)
+    assert g.flush() == "st"  # generation ended for another reason: what was held is sent
+
+
+def test_stop_filter_without_stops_passes_text_through() -> None:
+    f = StopStringFilter(["", ""])
+    assert f.feed("END") == ("END", False) and f.flush() == ""
+
+
+def test_choose_token_greedy_banned_and_top_p() -> None:
+    logits = np.array([0.0, 5.0, 4.0, -1.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams(temperature=0.0)
+    assert choose_token(logits, greedy, rng) == 1
+    assert choose_token(logits, greedy, rng, banned=(1,)) == 2
+    # top_p small enough keeps only the most likely token: sampling is then deterministic.
+    narrow = SamplingParams(temperature=1.0, top_p=0.5)
+    assert {choose_token(logits, narrow, rng) for _ in range(20)} == {1}
+    wide = SamplingParams(temperature=1.0, top_p=1.0)
+    seen = {choose_token(logits, wide, np.random.default_rng(s)) for s in range(200)}
+    assert {1, 2} <= seen
+
+
+def test_choose_token_same_seed_same_choices() -> None:
+    logits = np.random.default_rng(1).normal(size=1000).astype(np.float32)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
+    a = [choose_token(logits, params, rng) for rng in [np.random.default_rng(3)] * 10]
+    b = [choose_token(logits, params, rng) for rng in [np.random.default_rng(3)] * 10]
+    assert a == b and len(set(a)) > 1
+
+
+@pytest.mark.parametrize(
+    ("quantization", "precision"),
+    [(Quantization.int4, "int4"), (Quantization.int8, "int8"), (Quantization.none, "fp32")],
+)
+def test_precision_mapping(quantization: Quantization, precision: str) -> None:
+    assert precision_for(quantization) == precision
+
+
+@pytest.mark.parametrize("quantization", [Quantization.awq, Quantization.gptq])
+def test_unsupported_quantization_is_a_load_error(quantization: Quantization) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        precision_for(quantization)
+    assert err.value.status == 422 and "int4" in err.value.message
+
+
+def test_vision_model_is_refused_before_building(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["X"], "vision_config": {}}))
+    with pytest.raises(ModelLoadError, match="vision-language"):
+        check_buildable(tmp_path)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        check_buildable(tmp_path / "missing")
+
+
+def test_cache_key_depends_on_precision_and_folder(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    int4, fp32 = OnnxBuildOptions("int4"), OnnxBuildOptions("fp32")
+    keys = {cache_entry(tmp_path / f, tmp_path, o) for f in "ab" for o in (int4, fp32)}
+    assert len(keys) == 4
+    assert cache_entry(tmp_path / "a", tmp_path, int4).parent == tmp_path / "onnx"
+
+
+def test_builder_runs_with_python_even_inside_the_triton_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.engine import onnx_build
+
+    monkeypatch.setattr(onnx_build.sys, "executable", "/opt/tritonserver/backends/python/triton_python_backend_stub")
+    python = onnx_build._python()
+    assert Path(python).name.startswith("python") and Path(python).exists()
+
+
+async def test_cuda_device_is_refused(tmp_path: Path) -> None:
+    from agent.engine.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(EngineSpec(folder=tmp_path, name="x", device="cuda", quantization=Quantization.int4))
+    with pytest.raises(ModelLoadError, match="CPU"):
+        await engine.start()
+
+
+# --- the real int4 model ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def int4_engine(smollm_folder: Path, model_cache_dir: Path):
+    from agent.engine.onnx_engine import OnnxEngine
+
+    spec = EngineSpec(
+        folder=smollm_folder,
+        name="SmolLM2-135M-Instruct",
+        quantization=Quantization.int4,
+        max_batch_size=16,
+        cache_dir=model_cache_dir,
+    )
+    engine = OnnxEngine(spec)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+def ask(text: str, **sampling: object) -> GenerationRequest:
+    params = {"temperature": 0.0, "max_new_tokens": 16, **sampling}
+    return GenerationRequest(messages=(Message.text("user", text),), sampling=SamplingParams(**params))
+
+
+@pytest.mark.slow
+async def test_build_is_cached_and_atomic(int4_engine, smollm_folder: Path, model_cache_dir: Path) -> None:
+    path = int4_engine.onnx_path
+    assert path is not None and (path / "genai_config.json").is_file() and (path / "model.onnx").is_file()
+    assert path.parent == model_cache_dir / "onnx"
+    assert not list(path.parent.glob("*.tmp-*")), "a temporary build folder was left behind"
+    stamp = (path / "model.onnx").stat().st_mtime
+    assert ensure_onnx_model(smollm_folder, model_cache_dir, OnnxBuildOptions("int4")) == path
+    assert (path / "model.onnx").stat().st_mtime == stamp  # found in the cache, not rebuilt
+    assert int4_engine.info().quantization == "int4" and int4_engine.info().dtype == "int4"
+
+
+@pytest.mark.slow
+async def test_failed_build_is_a_load_error_and_leaves_no_cache(tmp_path: Path) -> None:
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}))
+    with pytest.raises(ModelLoadError, match="build failed"):
+        ensure_onnx_model(folder, tmp_path / "cache", OnnxBuildOptions("int4"))
+    assert not list((tmp_path / "cache" / "onnx").iterdir())
+
+
+@pytest.mark.slow
+async def test_batched_greedy_equals_alone(int4_engine) -> None:
+    """Right-padded prompts of different lengths in one cohort give the same greedy text as each one alone."""
+    prompts = ["Hi", "What is a binary tree? Answer in one sentence.", "Name a sorting algorithm."]
+    alone = [(await int4_engine.complete(ask(p, max_new_tokens=20))).text for p in prompts]
+    together = await asyncio.gather(*(int4_engine.complete(ask(p, max_new_tokens=20)) for p in prompts))
+    assert [r.text for r in together] == alone
+
+
+@pytest.mark.slow
+async def test_seeded_sampling_does_not_depend_on_batch_neighbours(int4_engine) -> None:
+    sampled = dict(temperature=0.9, top_p=0.95, seed=11, max_new_tokens=12, ignore_eos=True)
+    alone = (await int4_engine.complete(ask("Tell me a word.", **sampled))).text
+    neighbours = [ask(f"Count to {n}.", temperature=1.0, max_new_tokens=12) for n in range(3)]
+    results = await asyncio.gather(
+        int4_engine.complete(ask("Tell me a word.", **sampled)), *(int4_engine.complete(r) for r in neighbours)
+    )
+    assert results[0].text == alone
+
+
+@pytest.mark.slow
+async def test_late_request_joins_without_waiting_for_the_running_one(int4_engine) -> None:
+    """Bounded wait: a request arriving while a long one decodes starts at once and finishes first."""
+    order: list[str] = []
+
+    async def run(name: str, request: GenerationRequest, started: asyncio.Event | None = None) -> None:
+        async for chunk in int4_engine.generate(request):
+            if started is not None and chunk.completion_tokens >= 3:
+                started.set()
+            if chunk.finished:
+                order.append(name)
+
+    started = asyncio.Event()
+    long = asyncio.create_task(run("long", ask("Count to one hundred.", max_new_tokens=120, ignore_eos=True), started))
+    await asyncio.wait_for(started.wait(), 60)
+    steps_before = int4_engine.stats.steps
+    await run("short", ask("Hi", max_new_tokens=4, ignore_eos=True))
+    assert order == ["short"], "the short request waited for the long one"
+    assert int4_engine.stats.steps - steps_before < 60
+    await long
+    assert order == ["short", "long"]
+
+
+@pytest.mark.slow
+async def test_concurrent_arrivals_share_one_forward_batch(int4_engine) -> None:
+    int4_engine.stats.max_batch_seen = 0
+    requests = [ask(f"What is {n} times {n}?", max_new_tokens=6, ignore_eos=True) for n in range(12)]
+    results = await asyncio.gather(*(int4_engine.complete(r) for r in requests))
+    assert all(r.completion_tokens == 6 for r in results)
+    assert int4_engine.stats.max_batch_seen >= 6  # arrivals a few ms apart were merged into one cohort
+
+
+@pytest.mark.slow
+async def test_abort_of_waiting_and_running_requests(int4_engine) -> None:
+    request = dict(max_new_tokens=300, ignore_eos=True)
+    streams = [int4_engine.generate(ask("Count to one hundred.", **request)) for _ in range(3)]
+    firsts: list[GenerationChunk] = [await anext(s) for s in streams]
+    for stream in streams:
+        await stream.aclose()
+    for _ in range(200):
+        if int4_engine.stats.running == 0 and int4_engine.stats.waiting == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert all(not c.finished for c in firsts)
+    assert int4_engine.stats.running == 0 and int4_engine.stats.waiting == 0
+
+
+@pytest.mark.slow
+async def test_vision_folder_is_refused(tiny_vl_folder: Path, tmp_path: Path) -> None:
+    from agent.engine.onnx_engine import OnnxEngine
+
+    spec = EngineSpec(folder=tiny_vl_folder, name="vl", quantization=Quantization.int4, cache_dir=tmp_path)
+    engine = OnnxEngine(spec)
+    with pytest.raises(ModelLoadError, match="vision-language"):
+        await engine.start()
+    assert not (tmp_path / "onnx").exists()
