@@ -26,7 +26,8 @@ def b64_to_bytes(data: str, limits: ImageLimits) -> bytes:
     """Base64 (plain or a data URL) -> bytes, refusing oversized input before decoding it."""
     if not isinstance(data, str) or not data.strip():
         raise InvalidRequestError("image: expected a non-empty base64 string or data URL")
-    match = _DATA_URL.match(data.strip())
+    data = data.strip()
+    match = _DATA_URL.match(data)
     if data.startswith("data:"):
         if not match or not match.group("b64"):
             raise InvalidRequestError("image: data URL must be base64-encoded (data:image/png;base64,...)")

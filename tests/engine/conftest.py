@@ -1,0 +1,53 @@
+"""The `engine` fixture: one contract suite (test_contract.py) run against every engine kind.
+
+Adding an engine to the contract is one line: append its kind to ENGINE_KINDS. Each kind maps to a session fixture
+that yields a started engine on SmolLM2-135M (fp32, greedy-deterministic); the ones below build `VllmEngine(spec)` /
+`OnnxEngine(spec)` from the shared `smollm_spec`, so the engine modules only need those constructors.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+ENGINE_KINDS = ["transformers", "vllm", "onnx"]
+
+# kind -> (session fixture yielding a started engine, extra pytest marks)
+_ENGINE_FIXTURES: dict[str, tuple[str, tuple[pytest.MarkDecorator, ...]]] = {
+    "transformers": ("smollm_engine", ()),
+    "vllm": ("vllm_smollm_engine", (pytest.mark.vllm,)),
+    "onnx": ("onnx_smollm_engine", ()),
+}
+
+
+@pytest.fixture(scope="session")
+async def vllm_smollm_engine(smollm_spec):
+    from agent.engine.vllm_engine import VllmEngine
+
+    engine = VllmEngine(smollm_spec)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def onnx_smollm_engine(smollm_spec):
+    from agent.engine.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(smollm_spec)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param(kind, marks=_ENGINE_FIXTURES[kind][1]) for kind in ENGINE_KINDS],
+)
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def engine(engine_kind: str, request: pytest.FixtureRequest):
+    """A started engine of `engine_kind` serving SmolLM2-135M-Instruct."""
+    return request.getfixturevalue(_ENGINE_FIXTURES[engine_kind][0])
