@@ -194,10 +194,11 @@ async def _image_workload() -> list[dict]:
             message = Message("user", (ImagePart(image), TextPart("Describe this diagram.")))
             request = GenerationRequest((message,), SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
             t0 = time.perf_counter()
-            tokens = engine.image_token_count(image)
+            engine.prepare(request)  # processor: resize to the pixel budget, patchify, tokenize
             t1 = time.perf_counter()
             await engine.complete(request)
             t2 = time.perf_counter()
+            tokens = engine.count_image_tokens(request)
             rows.append(
                 {
                     "size": f"{side}x{side}",
