@@ -95,10 +95,9 @@ def run_targets(args: argparse.Namespace, folder: Path, name: str, logs: Path) -
 
 
 async def _transformers_sweep(folder: Path, name: str, batched: bool, args: argparse.Namespace) -> list[dict]:
-    from agent.engine.transformers_engine import TransformersEngine
-
     from agent.config import DType, Quantization
     from agent.engine.spec import EngineSpec
+    from agent.engine.transformers_engine import TransformersEngine
 
     spec = EngineSpec(
         folder=folder,
