@@ -51,6 +51,32 @@ class LevelResult:
         return asdict(self)
 
 
+class StreamTimer:
+    """Times one streamed request: time to first token, gaps between tokens, end to end."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.start
+        self.gaps: list[float] = []
+        self.tokens = 0
+
+    def token(self, at: float | None = None) -> None:
+        now = time.perf_counter() if at is None else at
+        if self.first is None:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+
+    def sample(self) -> RequestSample:
+        if self.first is None:
+            raise RuntimeError("no content streamed")
+        return RequestSample(
+            ttft=self.first - self.start, e2e=time.perf_counter() - self.start, tokens=self.tokens, gaps=self.gaps
+        )
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -113,10 +139,7 @@ class OpenAIStream:
             "ignore_eos": True,  # vLLM's extension, also accepted by our door: every request makes exactly N tokens
             "stream_options": {"include_usage": True},
         }
-        start = time.perf_counter()
-        first = last = None
-        gaps: list[float] = []
-        tokens = 0
+        timer = StreamTimer()
         async with self.client.stream("POST", "/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
             async for line in resp.aiter_lines():
@@ -124,19 +147,10 @@ class OpenAIStream:
                     continue
                 event = json.loads(line[5:])
                 if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
-                if not any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
-                    continue
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
-        end = time.perf_counter()
-        if first is None:
-            raise RuntimeError("no content streamed")
-        return RequestSample(ttft=first - start, e2e=end - start, tokens=tokens, gaps=gaps)
+                    timer.tokens = event["usage"]["completion_tokens"]
+                if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
+                    timer.token()
+        return timer.sample()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -158,10 +172,7 @@ class TritonHttpStream:
             "ignore_eos": True,
             "stream": True,
         }
-        start = time.perf_counter()
-        first = last = None
-        gaps: list[float] = []
-        tokens = 0
+        timer = StreamTimer()
         async with self.client.stream("POST", self.path, json=body) as resp:
             resp.raise_for_status()
             async for line in resp.aiter_lines():
@@ -170,19 +181,10 @@ class TritonHttpStream:
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise RuntimeError(event["error"])
-                tokens = int(event.get("completion_tokens", tokens))
-                if not event.get("text_output"):
-                    continue
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
-        end = time.perf_counter()
-        if first is None:
-            raise RuntimeError("no content streamed")
-        return RequestSample(ttft=first - start, e2e=end - start, tokens=tokens, gaps=gaps)
+                timer.tokens = int(event.get("completion_tokens", timer.tokens))
+                if event.get("text_output"):
+                    timer.token()
+        return timer.sample()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -212,12 +214,9 @@ class TritonGrpcStream:
         ]
         events: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
-        start = time.perf_counter()
+        timer = StreamTimer()
         client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
         client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
-        first = last = None
-        gaps: list[float] = []
-        tokens = 0
         try:
             while True:
                 now, result, error = events.get(timeout=600)
@@ -225,14 +224,9 @@ class TritonGrpcStream:
                     raise RuntimeError(str(error))
                 response = result.get_response()
                 if "text_output" in {o.name for o in response.outputs}:
-                    text = result.as_numpy("text_output").reshape(-1)[0]
-                    tokens = int(result.as_numpy("completion_tokens").reshape(-1)[0])
-                    if text:
-                        if first is None:
-                            first = now
-                        else:
-                            gaps.append(now - last)
-                        last = now
+                    timer.tokens = int(result.as_numpy("completion_tokens").reshape(-1)[0])
+                    if result.as_numpy("text_output").reshape(-1)[0]:
+                        timer.token(at=now)
                 if response.parameters.get("triton_final_response", None) and (
                     response.parameters["triton_final_response"].bool_param
                 ):
@@ -240,9 +234,7 @@ class TritonGrpcStream:
         finally:
             client.stop_stream()
             client.close()
-        if first is None:
-            raise RuntimeError("no content streamed")
-        return RequestSample(ttft=first - start, e2e=time.perf_counter() - start, tokens=tokens, gaps=gaps)
+        return timer.sample()
 
     async def __call__(self, i: int) -> RequestSample:
         return await asyncio.to_thread(self._blocking, i)
@@ -264,20 +256,12 @@ class InProcessEngine:
             messages=(Message.text("user", PROMPTS[i % len(PROMPTS)]),),
             sampling=SamplingParams(max_new_tokens=self.tokens, temperature=0.0, ignore_eos=True),
         )
-        start = time.perf_counter()
-        first = last = None
-        gaps: list[float] = []
-        tokens = 0
+        timer = StreamTimer()
         async for chunk in self.engine.generate(request):
-            tokens = chunk.completion_tokens
+            timer.tokens = chunk.completion_tokens
             if chunk.text:
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
-        return RequestSample(ttft=(first or start) - start, e2e=time.perf_counter() - start, tokens=tokens, gaps=gaps)
+                timer.token()
+        return timer.sample()
 
     async def close(self) -> None:
         return None
