@@ -1,4 +1,4 @@
-"""Per-request token choice and stop strings for the ONNX engine (pure numpy/Python: unit-testable without a model).
+"""Per-request token choice for the ONNX engine (pure numpy/Python: unit-testable without a model).
 
 The engine chooses tokens itself rather than with onnxruntime-genai's sampler because the sampler's options
 (temperature, top-p, seed, min length) are per generator, i.e. per batch: choosing per row lets requests with
@@ -46,41 +46,3 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     order = top[np.argsort(probs[top])[::-1]]
     cut = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1
     return order[:cut]
-
-
-class StopStringFilter:
-    """Streams text while holding back any tail that could still become a stop string.
-
-    `feed(delta)` returns (text safe to send now, whether a stop string was found); on a match the text before it is
-    returned and the rest is dropped. `flush()` returns what was held back once generation ends for another reason.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self._held = ""
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        if not self.stops:
-            return delta, False
-        text = self._held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return text[: min(hits)], True
-        keep = self._partial_suffix(text)
-        self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-    def _partial_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best

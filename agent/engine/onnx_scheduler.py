@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.engine.onnx_sampling import StopStringFilter, choose_token
+from agent.engine.detokenize import StopMatcher
+from agent.engine.onnx_sampling import choose_token
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Sequence:
     on_finish: Callable[[], None] | None = None  # runs before the final chunk is sent (keeps stats exact)
 
     def __post_init__(self) -> None:
-        self._stops = StopStringFilter(self.sampling.stop)
+        self._stops = StopMatcher(self.sampling.stop)
         self.min_new_tokens = self.max_new_tokens if self.sampling.ignore_eos else 0
 
     @property
@@ -82,7 +83,8 @@ class Sequence:
         if token in self.eos_ids and count > self.min_new_tokens:
             self.finish("stop", self._stops.flush())
             return
-        text, stopped = self._stops.feed(self.stream.decode(token))
+        text = self._stops.feed(self.stream.decode(token))
+        stopped = self._stops.stopped
         if stopped:
             self.finish("stop", text)
         elif count >= self.max_new_tokens:

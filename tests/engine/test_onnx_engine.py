@@ -16,27 +16,11 @@ import pytest
 from agent.config import Quantization
 from agent.engine.errors import ModelLoadError
 from agent.engine.onnx_build import OnnxBuildOptions, cache_entry, check_buildable, ensure_onnx_model, precision_for
-from agent.engine.onnx_sampling import StopStringFilter, choose_token
+from agent.engine.onnx_sampling import choose_token
 from agent.engine.spec import EngineSpec
 from agent.engine.types import GenerationChunk, GenerationRequest, Message, SamplingParams
 
 # --- pure helpers (no model) -----------------------------------------------------------------------------------------
-
-
-def test_stop_filter_holds_back_partial_matches() -> None:
-    f = StopStringFilter(["END", "\n\n"])
-    assert f.feed("hello E") == ("hello ", False)  # "E" may start "END": held back
-    assert f.feed("x") == ("Ex", False)  # it did not: released
-    assert f.feed(" tail EN") == (" tail ", False)
-    assert f.feed("D and more") == ("", True)  # stop found: the rest is dropped
-    g = StopStringFilter(["stop"])
-    assert g.feed("so st") == ("so ", False)
-    assert g.flush() == "st"  # generation ended for another reason: what was held is sent
-
-
-def test_stop_filter_without_stops_passes_text_through() -> None:
-    f = StopStringFilter(["", ""])
-    assert f.feed("END") == ("END", False) and f.flush() == ""
 
 
 def test_choose_token_greedy_banned_and_top_p() -> None:
