@@ -129,8 +129,8 @@ class Settings(BaseSettings):
     # --- reliability and security (docs/reliability.md) -----------------------------------------------------
     api_keys: SecretStr | None = None
     """Comma-separated API keys. Set: every FastAPI route except PUBLIC_PATHS needs `Authorization: Bearer <key>`
-    (the web UI asks for a key once, at /login), and Triton's model-control API needs the header `api-key: <key>`.
-    Unset: no authentication (fine on 127.0.0.1; set keys before binding HOST=0.0.0.0)."""
+    (the web UI asks for a key once, at /login), and Triton's model-control (repository) API needs the header
+    `api-key: <first key>`. Unset: no authentication (fine on 127.0.0.1; set keys before binding HOST=0.0.0.0)."""
     public_paths: Annotated[list[str], NoDecode] = ["/health", "/metrics"]
     """Comma-separated paths answered without an API key; an entry ending in `*` is a prefix (e.g. `/v1/models*`)."""
     cors_origins: Annotated[list[str], NoDecode] = []

@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from agent.config import Settings, get_settings, load_settings
 from agent.engine.base import Engine
 from agent.serving.api import metrics as metrics_routes
 from agent.serving.api import routes_openai, routes_seed, routes_sessions
+from agent.serving.api.auth import ApiKeys, AuthMiddleware
 from agent.serving.api.errors import RequestContextMiddleware, install_error_handlers
 from agent.serving.api.limits import BodyLimitMiddleware
 from agent.serving.api.metrics import Metrics, MetricsMiddleware
@@ -30,7 +32,7 @@ from agent.serving.inference_engine import ChatService
 log = logging.getLogger(__name__)
 
 WEB_UI_DIR = Path(__file__).resolve().parent.parent / "client" / "web" / "static"
-GRACEFUL_SHUTDOWN_SECONDS = 10  # streams still open after this are cut so the server stops
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 DESCRIPTION = """Self-hosted vision-language chat server (the seed's "original FastAPI server").
 
@@ -69,8 +71,21 @@ def create_app(
     install_error_handlers(app)
     for router in (routes_seed.router, routes_sessions.router, routes_openai.router, metrics_routes.router):
         app.include_router(router)
-    # add_middleware wraps: the last added runs first (request id and 500s outermost, then metrics, then limits).
+    # add_middleware wraps: the last added runs first. Outermost: request id and 500s, metrics (401s and 413s are
+    # counted), CORS (answers preflights, adds its headers to refusals too), keys (before any body is read), limits.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        AuthMiddleware, keys=ApiKeys(settings.api_key_list), public_paths=settings.public_paths, web_dir=WEB_UI_DIR
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestContextMiddleware)
     if WEB_UI_DIR.is_dir():  # after the API routes: "/" must not shadow them
@@ -90,13 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(**overrides)
 
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
+    # sse-starlette ends every open stream as soon as SIGTERM arrives; we drain them instead, and uvicorn cancels
+    # whatever is still running after GRACEFUL_SHUTDOWN_SECONDS (which aborts those engine requests).
+    AppStatus.disable_automatic_graceful_drain()
+    if not settings.api_key_list and settings.host not in LOOPBACK_HOSTS:
+        log.warning("listening on %s without API_KEYS: anyone who can reach this port can use it", settings.host)
     log.info("FastAPI door on http://%s:%d (docs at /docs)", settings.host, settings.port)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
     )
     return 0

@@ -82,6 +82,8 @@ class RequestLimits:
     max_new_tokens: int = 512
     default_temperature: float = 0.7
     default_top_p: float = 0.9
+    max_stop_chars: int = 256
+    max_stops: int = 4  # as OpenAI's `stop`
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
@@ -92,6 +94,7 @@ class RequestLimits:
             max_new_tokens=settings.max_new_tokens,
             default_temperature=settings.temperature,
             default_top_p=settings.top_p,
+            max_stop_chars=settings.max_stop_chars,
         )
 
 
@@ -180,17 +183,26 @@ class _PendingImage:
     b64: str
 
 
+def _unicode(text: str) -> str:
+    """JSON allows lone UTF-16 surrogates (`"\\ud800"`); tokenizers and UTF-8 outputs do not: refuse them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidRequestError("messages: invalid Unicode (a lone surrogate)") from None
+    return text
+
+
 def _parts(content: Any) -> list[Part | _PendingImage]:
     """OpenAI-shaped content (a string or a list of `text` / `image_url` parts) -> parts with images pending."""
     if isinstance(content, str):
-        return [TextPart(content)]
+        return [TextPart(_unicode(content))]
     if not isinstance(content, list):
         raise errors.InvalidRequestError("messages: content must be a string or a list of parts")
     parts: list[Part | _PendingImage] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append(TextPart(part["text"]))
+            parts.append(TextPart(_unicode(part["text"])))
         elif kind == "image_url":
             parts.append(_PendingImage(_image_from_url(part)))
         else:
@@ -204,6 +216,8 @@ def parse_messages(raw: str, limits: RequestLimits) -> list[Message]:
         items = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise errors.InvalidRequestError(f"messages: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise errors.InvalidRequestError("messages: JSON nested too deeply") from None
     if not isinstance(items, list):
         raise errors.InvalidRequestError("messages: expected a JSON list of {role, content}")
     pending: list[tuple[str, list[Part | _PendingImage]]] = []
@@ -240,6 +254,10 @@ def _sampling(get: TensorGetter, limits: RequestLimits) -> SamplingParams:
     stop = () if stop_array is None else tuple(_text(v, STOP) for v in np.asarray(stop_array).reshape(-1))
     if any(not s for s in stop):
         raise ValidationFailed("stop: stop strings must not be empty")
+    if len(stop) > limits.max_stops or any(len(s) > limits.max_stop_chars for s in stop):
+        raise ValidationFailed(
+            f"stop: at most {limits.max_stops} strings of at most MAX_STOP_CHARS={limits.max_stop_chars} characters"
+        )
     max_new = limits.max_new_tokens if max_tokens is None else int(max_tokens)
     if max_new < 1:
         raise ValidationFailed(f"max_tokens: must be >= 1, got {max_new}")

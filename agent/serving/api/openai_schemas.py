@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.serving.api.schemas import MaxTokens, Seed, Temperature, TopP
+from agent.serving.api.schemas import MaxTokens, Seed, Temperature, Text, TopP, valid_unicode
 
 
 class ImageURL(BaseModel):
@@ -20,7 +20,7 @@ class ImageURL(BaseModel):
 
 class TextContent(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageContent(BaseModel):
@@ -34,7 +34,12 @@ ContentPart = Annotated[TextContent | ImageContent, Field(discriminator="type")]
 class ChatMessageIn(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        return valid_unicode(value) if isinstance(value, str) else value
 
 
 class StreamOptions(BaseModel):
@@ -51,7 +56,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: generate exactly max_tokens (benchmarks)")

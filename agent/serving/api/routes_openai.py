@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from agent.engine.errors import EngineFailure, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from agent.engine.types import GenerationChunk, GenerationRequest, Message, Part, TextPart
 from agent.serving.api.deps import RunnerDep, ServiceDep
+from agent.serving.api.errors import ValidationFailedError
 from agent.serving.api.openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -72,6 +73,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 async def _generation_request(body: ChatCompletionRequest, service: ChatService) -> GenerationRequest:
     images = sum(isinstance(p, ImageContent) for m in body.messages if isinstance(m.content, list) for p in m.content)
     service.require_images(images)
+    limit = service.settings.max_stop_chars
+    if any(len(s) > limit for s in body.stop_sequences):
+        raise ValidationFailedError(f"stop: a stop sequence longer than MAX_STOP_CHARS={limit} characters")
     messages = tuple([await _message(m, service) for m in body.messages])
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = sampling_params(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from agent.config import Attention, Device, DType, LoadingStrategy, Quantization, Settings
 from agent.engine.types import EngineInfo, SamplingParams
@@ -17,6 +17,17 @@ from agent.serving.api.errors import ValidationFailedError
 from agent.serving.history_store import SessionSummary, StoredTurn
 from agent.serving.inference_engine import ChatReply
 
+
+def valid_unicode(value: str) -> str:
+    """Refuse lone UTF-16 surrogates (JSON allows `"\\ud800"`): they cannot be stored, tokenized or sent back."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid Unicode (a lone surrogate at character {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
 SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.:-]+$", examples=["default"])]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy; default TEMPERATURE")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, description="default TOP_P")]
@@ -51,7 +62,7 @@ def sampling_params(
 class ChatRequest(BaseModel):
     """`POST /chat`: one user message (with an optional image) in a session."""
 
-    message: str = Field(description="the user's message (at most MAX_MESSAGE_CHARS characters)")
+    message: Text = Field(description="the user's message (at most MAX_MESSAGE_CHARS characters)")
     image_base64: str | None = Field(None, description="an image as base64 or a data: URL (vision models only)")
     session_id: SessionId | None = Field(None, description="omitted: the default session")
     stream: bool = Field(False, description="true: an SSE stream of {delta} events and a final {done} event")
