@@ -82,8 +82,8 @@ def main(argv: Sequence[str]) -> int:
     finally:
         if fastapi is not None and fastapi.poll() is None:
             fastapi.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
-            try:
-                fastapi.wait(30)
+            try:  # FastAPI drains in-flight answers for up to GRACEFUL_SHUTDOWN_SECONDS: wait a little longer
+                fastapi.wait(load_settings().graceful_shutdown_seconds + 15)
             except subprocess.TimeoutExpired:
                 fastapi.kill()
                 fastapi.wait()
