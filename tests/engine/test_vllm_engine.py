@@ -37,6 +37,11 @@ def vllm_children() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
 
 
+def new_vllm_children(before: set[int]) -> list[psutil.Process]:
+    """vLLM processes started since `before` (the session's shared engines may already run their own)."""
+    return [p for p in vllm_children() if p.pid not in before]
+
+
 # --- settings -> vLLM arguments (pure) ---------------------------------------------------------------------------
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_quantization_passes_through_what_vllm_checks(device: str) -> None:
@@ -118,18 +123,20 @@ def test_finish_reasons() -> None:
     ],
 )
 async def test_start_refuses_impossible_cpu_settings(smollm_spec: EngineSpec, changes: dict, match: str) -> None:
+    before = {p.pid for p in vllm_children()}
     engine = VllmEngine(smollm_spec.with_(**changes))
     with pytest.raises(ModelLoadError, match=match) as err:
         await engine.start()
     assert err.value.status == 422
-    assert engine._llm is None and not vllm_children()
+    assert engine._llm is None and not new_vllm_children(before)
 
 
 async def test_vision_model_on_cpu_names_the_transformers_engine(tiny_vl_folder: Path) -> None:
+    before = {p.pid for p in vllm_children()}
     engine = VllmEngine(EngineSpec(folder=tiny_vl_folder, name="tiny-qwen3-vl", quantization=Quantization.none))
     with pytest.raises(ModelLoadError, match="vision model.*LOADING_STRATEGY=transformers"):
         await engine.start()
-    assert not vllm_children()
+    assert not new_vllm_children(before)
 
 
 async def test_generate_before_start_is_not_ready(smollm_spec: EngineSpec) -> None:
@@ -231,5 +238,5 @@ async def test_bf16_start_and_shutdown_leave_no_process(smollm_spec: EngineSpec,
         assert result.completion_tokens == 4 and result.text.strip()
     finally:
         await engine.shutdown()
-    assert not [p for p in vllm_children() if p.pid not in before]
+    assert not new_vllm_children(before)
     assert not await engine.health()
