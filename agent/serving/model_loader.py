@@ -5,14 +5,13 @@ Strategy rules for LOADING_STRATEGY=auto (measured on CPU, see docs/engines.md; 
 | device | model  | QUANTIZATION_TYPE | engine       | why |
 |--------|--------|-------------------|--------------|-----|
 | cpu    | text   | none, awq, gptq   | vllm         | 2-4x transformers' speed at 1-8 concurrent requests |
-| cpu    | text   | int4, int8        | transformers | vLLM on CPU cannot quantize on load; bitsandbytes can |
+| cpu    | text   | int4, int8        | onnx         | quantized ONNX build: ~4x vLLM single-stream (docs/onnx.md) |
 | cpu    | vision | any               | transformers | vLLM on CPU needs torchvision for vision models |
 | cuda   | any    | none, awq, gptq   | vllm         | continuous batching with paged attention |
 | cuda   | any    | int4              | vllm if the installed vLLM has bitsandbytes (0.32 has not), else transformers |
 | cuda   | any    | int8              | transformers | vLLM quantizes on load to 4 bits only |
 
-int4/int8 text models on CPU go through `_cpu_quantized_text`: the hook where the ONNX engine's int4 can take over.
-A missing vLLM makes `auto` pick transformers (logged with the reason).
+A missing vLLM, or a missing onnxruntime-genai for int4/int8, makes `auto` pick transformers (logged with the reason).
 
 Explicit strategies are taken as asked; a combination the chosen engine cannot run fails at load with a
 ModelLoadError naming the env var and the alternative (never a silent fallback). LOADING_STRATEGY=triton is the
@@ -158,8 +157,12 @@ def _auto_strategy(spec: EngineSpec, *, vision: bool) -> tuple[LoadingStrategy, 
 
 
 def _cpu_quantized_text(spec: EngineSpec) -> tuple[LoadingStrategy, str]:
-    """Hook for int4/int8 text models on CPU (the ONNX engine's int4 may take this over once measured here)."""
-    return LoadingStrategy.transformers, f"QUANTIZATION_TYPE={spec.quantization.value} on CPU: bitsandbytes"
+    """int4/int8 text models on CPU: ONNX Runtime GenAI's quantized build (measured fastest, docs/onnx.md), else
+    transformers with bitsandbytes (vLLM on CPU cannot quantize on load)."""
+    q = spec.quantization.value
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        return LoadingStrategy.onnx, f"QUANTIZATION_TYPE={q} on CPU: ONNX Runtime GenAI (fastest measured)"
+    return LoadingStrategy.transformers, f"QUANTIZATION_TYPE={q} on CPU: bitsandbytes (onnxruntime-genai missing)"
 
 
 def engine_class(strategy: LoadingStrategy) -> type[Engine]:

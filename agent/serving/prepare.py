@@ -19,10 +19,26 @@ def main(argv: list[str]) -> int:
 
     resolved = resolve_model(settings.model_path, settings.model_cache_dir)
     log.info("model ready: %s (%s) at %s", resolved.name, resolved.source, resolved.folder)
+    _prebuild_onnx(settings, resolved)
     from agent.serving.triton_launcher import prepare_server
 
     log.info("triton ready: %s", prepare_server())
     return 0
+
+
+def _prebuild_onnx(settings: Settings, resolved) -> None:
+    """When these settings serve through the ONNX engine (the CPU default for int4), build its model now, so the
+    first start of `make run` does not pay the ~15 s build."""
+    from agent.config import LoadingStrategy
+    from agent.serving.model_loader import choose_strategy, engine_spec
+
+    spec = engine_spec(settings, resolved=resolved)
+    if choose_strategy(settings, spec) is not LoadingStrategy.onnx:
+        return
+    from agent.engine.onnx_build import OnnxBuildOptions, ensure_onnx_model, precision_for
+
+    path = ensure_onnx_model(spec.folder, spec.cache_dir, OnnxBuildOptions(precision_for(spec.quantization)))
+    log.info("ONNX model ready: %s", path)
 
 
 def _default(field) -> str:

@@ -133,8 +133,8 @@ def _spec(folder: Path, device: str, quantization: Quantization) -> EngineSpec:
         ("cpu", False, Quantization.none, False, LoadingStrategy.vllm),
         ("cpu", False, Quantization.awq, False, LoadingStrategy.vllm),
         ("cpu", False, Quantization.gptq, False, LoadingStrategy.vllm),
-        ("cpu", False, Quantization.int4, False, LoadingStrategy.transformers),  # the seed's default on CPU
-        ("cpu", False, Quantization.int8, False, LoadingStrategy.transformers),
+        ("cpu", False, Quantization.int4, False, LoadingStrategy.onnx),  # the seed's default on CPU
+        ("cpu", False, Quantization.int8, False, LoadingStrategy.onnx),
         ("cpu", True, Quantization.none, False, LoadingStrategy.transformers),
         ("cpu", True, Quantization.int4, False, LoadingStrategy.transformers),
         ("cuda", False, Quantization.none, False, LoadingStrategy.vllm),
@@ -158,6 +158,19 @@ def test_auto_strategy_rules(
     monkeypatch.setattr(model_loader, "vllm_available", lambda: True)
     spec = _spec(hf_folder(tmp_path / "m", vision=vision), device, quantization)
     assert choose_strategy(settings(loading_strategy=LoadingStrategy.auto), spec) is expected
+
+
+def test_quantized_cpu_without_onnxruntime_genai_picks_bitsandbytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = model_loader.importlib.util.find_spec
+    monkeypatch.setattr(
+        model_loader.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime_genai" else real_find_spec(name, *a),
+    )
+    spec = _spec(hf_folder(tmp_path / "m"), "cpu", Quantization.int4)
+    assert choose_strategy(settings(loading_strategy=LoadingStrategy.auto), spec) is LoadingStrategy.transformers
 
 
 def test_auto_without_vllm_installed_picks_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,13 +276,13 @@ def test_gguf_file_resolves_to_the_converted_folder(model_cache_dir: Path, smoll
     assert (engine.spec.folder / "config.json").is_file()
 
 
-def test_seed_default_int4_on_cpu_builds_the_transformers_engine(model_cache_dir: Path, no_cuda: None) -> None:
+def test_seed_default_int4_on_cpu_builds_the_onnx_engine(model_cache_dir: Path, no_cuda: None) -> None:
     engine = build_engine(
         settings(model_path=None, quantization_type=Quantization.int4, model_cache_dir=model_cache_dir)
     )
-    from agent.engine.transformers_engine import TransformersEngine
+    from agent.engine.onnx_engine import OnnxEngine
 
-    assert isinstance(engine, TransformersEngine)
+    assert isinstance(engine, OnnxEngine)
     assert engine.spec.quantization is Quantization.int4
     assert engine.spec.name == checkpoints.EMBEDDED_NAME
 
