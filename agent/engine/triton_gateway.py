@@ -5,9 +5,10 @@ one request (tensors from agent.serving.triton_protocol) and yields a chunk per 
 finish reason. `abort` cancels the stream; Triton marks the request cancelled and the model aborts its engine request.
 So one model copy (inside Triton) serves both doors, and prompt building happens there, in the shared engine.
 
-`reload(overrides)` is `/load_model` in gateway mode: it reloads the Triton model with new parameters through
-Triton's repository API (explicit model control). A failed load keeps the previous model serving and raises
-ModelLoadError with Triton's reason.
+`load_model(changes)` is `/load_model` in gateway mode: it adds a version of the Triton model pinning `changes` and
+activates it through Triton's repository API (explicit model control; agent.serving.model_versions), or, where this
+process cannot write Triton's model folder, `reload(changes)`s the serving configuration with new parameters. Either
+way a failed load keeps the previous model serving and raises ModelLoadError with Triton's reason.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class TritonGatewayEngine(Engine):
         self._calls: dict[str, Any] = {}  # request id -> its gRPC stream (cancel() aborts it)
         self._aborted: set[str] = set()
         self._info: EngineInfo | None = None
+        self.versions: Any = None  # agent.serving.model_versions.TritonVersions once started
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TritonGatewayEngine:
@@ -77,7 +79,12 @@ class TritonGatewayEngine(Engine):
         """Connect and wait until Triton's model is ready (NotReadyError after `ready_timeout`)."""
         import tritonclient.grpc.aio as grpcclient
 
+        from agent.serving.model_versions import TritonVersions
+
         self._client = grpcclient.InferenceServerClient(self.grpc_url)
+        self.versions = TritonVersions(
+            self._client, self.model, control_key=self.control_key, metrics_url=self.metrics_url
+        )
         deadline = time.monotonic() + self.ready_timeout
         while not await self.health():
             if time.monotonic() > deadline:
@@ -114,13 +121,13 @@ class TritonGatewayEngine(Engine):
             )
         return self._info
 
-    async def _fetch_info(self) -> EngineInfo:
-        """What Triton's model loaded (its `dsa_triton_model_info` metric), as seen through the gateway."""
+    async def _fetch_info(self, version: int | None = None) -> EngineInfo:
+        """What Triton's model (one `version` of it if given) loaded, from its `dsa_triton_model_info` metric."""
         remote = None
         if self.metrics_url:
             try:
                 text = await asyncio.to_thread(_http_get, self.metrics_url)
-                remote = parse_model_info(text, self.model)
+                remote = parse_model_info(text, self.model, version)
             except OSError as exc:
                 log.warning("cannot read Triton metrics at %s: %s", self.metrics_url, exc)
         if remote is None:
@@ -195,6 +202,40 @@ class TritonGatewayEngine(Engine):
             call.cancel()
 
     # ------------------------------------------------------------------------------------------------ model control
+    async def load_model(self, changes: Mapping[str, Any]) -> EngineInfo:
+        """`/load_model` in gateway mode: a new Triton version pinning `changes`, activated (the old one finishes its
+        requests, then unloads); where Triton's model folder is not writable from here, `reload(changes)` instead."""
+        from agent.serving.model_repository import VersionsUnavailable
+
+        if self.versions is None:
+            raise NotReadyError("gateway engine not started", retry_after=1.0)
+        try:
+            version, _ = await self.versions.add(changes)
+        except VersionsUnavailable as exc:
+            log.info("cannot add a version (%s): reloading the serving one with new parameters", exc.message)
+            return await self.reload(changes)
+        return await self.refresh_info(version)
+
+    async def activate(self, version: int) -> EngineInfo:
+        """Serve only `version` from now on (requests in flight finish on the version they started on)."""
+        status = await self._versions().activate(version)
+        return await self.refresh_info(status.default_version)
+
+    async def rollback(self) -> EngineInfo:
+        """Serve again the version that was the default before the last activation."""
+        status = await self._versions().rollback()
+        return await self.refresh_info(status.default_version)
+
+    async def refresh_info(self, version: int | None = None) -> EngineInfo:
+        """Re-read what Triton serves (the given version's info) for `info()`."""
+        self._info = await self._fetch_info(version)
+        return self._info
+
+    def _versions(self) -> Any:
+        if self.versions is None:
+            raise NotReadyError("gateway engine not started", retry_after=1.0)
+        return self.versions
+
     async def reload(self, overrides: Mapping[str, Any]) -> EngineInfo:
         """Reload Triton's model with `overrides` (settings names, e.g. {"model_path": ...}) as config parameters.
 

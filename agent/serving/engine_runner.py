@@ -4,7 +4,8 @@
   429 beyond; 503 while the first model loads). Closing the stream early (client gone) aborts the engine request.
 - `load_model`: builds a new engine with `agent.serving.model_loader.load_engine`, swaps it in atomically; requests
   in flight finish on the old engine, which is shut down when its last request ends. Loads are serialized; a failed
-  load raises `ModelLoadError` (422) and leaves the current engine serving.
+  load raises `ModelLoadError` (422) and leaves the current engine serving. In gateway mode (the engine is a Triton
+  client) the Triton model gets a new version instead (agent.serving.model_versions).
 """
 
 from __future__ import annotations
@@ -193,6 +194,12 @@ class EngineRunner:
         """The loaded model, or `NotReadyError` (503) while none is."""
         return self._require_loaded().engine.info()
 
+    async def versions(self) -> dict[str, Any] | None:
+        """Gateway mode: the Triton model's versions and the default one (None for an in-process engine)."""
+        from agent.serving.model_versions import gateway_versions
+
+        return await gateway_versions(self._current.engine) if self._current is not None else None
+
     def current_stats(self) -> EngineStats | None:
         """The current engine's live counters (None while loading)."""
         return self._current.engine.stats if self._current is not None else None
@@ -205,6 +212,13 @@ class EngineRunner:
         A failure raises `ModelLoadError` (422) and leaves the current engine serving.
         """
         async with self._swap_lock:
+            if self._current is not None:
+                # Gateway mode: Triton gets a new model version and this engine stays (docs/versioning.md).
+                from agent.serving.model_versions import load_through_gateway
+
+                info = await load_through_gateway(self._current.engine, changes)
+                if info is not None:
+                    return info
             settings = self.settings.model_copy(update=changes)
             started = time.monotonic()
             try:

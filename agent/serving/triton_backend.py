@@ -7,8 +7,9 @@ request aborts its engine request; `finalize` drains in-flight requests before s
 
 `pb_utils` (triton_python_backend_utils) only exists inside the stub, so it is passed in by model.py.
 
-Settings: the model's config.pbtxt `parameters` whose names are settings (MODEL_PATH, LOADING_STRATEGY, ...) override
-the environment when non-empty; an empty parameter leaves the environment's value (the same env as FastAPI).
+Settings, highest precedence first (docs/versioning.md): the version folder's `engine.json` (what that version pins),
+then the model's config.pbtxt `parameters`, then the environment (the same env as FastAPI). In both files only
+non-empty values named like settings (MODEL_PATH, LOADING_STRATEGY, ...) count; an empty one defers to the next.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from agent.config import LoadingStrategy, Settings, SettingsError, load_settings
@@ -27,6 +29,7 @@ from agent.engine.base import Engine
 from agent.engine.errors import EngineError, EngineFailure, InvalidRequestError, ModelLoadError, NotReadyError
 from agent.engine.types import new_request_id
 from agent.serving import triton_protocol as proto
+from agent.serving.model_repository import read_version_file
 from agent.serving.triton_metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,15 @@ STATS_INTERVAL = 0.5  # s between copies of the engine's own running/waiting cou
 PROMPT_LOG_ENV = "NEWBIE_TRITON_PROMPT_LOG"  # debug: append each decoded request's rendered prompt (JSONL) here
 
 
-def settings_from_parameters(parameters: Mapping[str, Any]) -> Settings:
-    """Settings from the environment, overridden by the model config's non-empty parameters named like settings."""
+def settings_from_parameters(parameters: Mapping[str, Any], pinned: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, overridden by the model config's non-empty parameters named like settings,
+    overridden in turn by the version's non-empty `pinned` values (its engine.json)."""
     overrides: dict[str, str] = {}
-    for key, value in parameters.items():
-        raw = value.get("string_value", "") if isinstance(value, dict) else str(value)
-        if raw.strip() and key.lower() in Settings.model_fields:
-            overrides[key.lower()] = raw.strip()
+    layers = [{k: v.get("string_value", "") if isinstance(v, dict) else str(v) for k, v in parameters.items()}]
+    for layer in [*layers, dict(pinned or {})]:
+        for key, raw in layer.items():
+            if raw.strip() and key.lower() in Settings.model_fields:
+                overrides[key.lower()] = raw.strip()
     try:
         settings = load_settings(**overrides)
     except SettingsError as exc:  # SystemExit would take the stub down with no message for Triton's load API
@@ -77,17 +82,20 @@ class TritonBackend:
     # ----------------------------------------------------------------------------------------------- lifecycle
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        settings = settings_from_parameters(config.get("parameters", {}))
+        version_folder = Path(args["model_repository"]) / args["model_version"]
+        settings = settings_from_parameters(config.get("parameters", {}), read_version_file(version_folder))
         self.limits = proto.RequestLimits.from_settings(settings)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.metrics = ModelMetrics.create(self.pb, labels)
         self._thread.start()
+        _flush_denormals()
         from agent.serving.model_loader import load_engine
 
         started = time.monotonic()
         self.engine = asyncio.run_coroutine_threadsafe(load_engine(settings), self.loop).result()
         info = self.engine.info()
-        self.metrics.publish_info(self.pb, labels, info)
+        # The model folder (whose numbered subfolders are the versions) lets the gateway add versions beside it.
+        self.metrics.publish_info(self.pb, labels, info, extra={"repository": args["model_repository"]})
         self._stats_task = asyncio.run_coroutine_threadsafe(self._publish_engine_stats(), self.loop)
         log.info("engine %s ready on %s in %.1f s", info.engine, info.model_name, time.monotonic() - started)
         if self._prompt_log:
@@ -117,9 +125,11 @@ class TritonBackend:
         self._accepting = False
         if self.metrics is not None and self.metrics.info is not None:
             self.metrics.info.set(0)  # a replacing instance publishes its own info; readers take the one at 1
+        log.info("finalize: draining %d in-flight request(s)", len(self._inflight))
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while self._inflight and time.monotonic() < deadline:
             time.sleep(0.1)
+        log.info("finalize: %d request(s) left after draining", len(self._inflight))
         if self.engine is not None:
             for rid in list(self._inflight):
                 asyncio.run_coroutine_threadsafe(self.engine.abort(rid), self.loop).result(5)
@@ -245,6 +255,20 @@ class TritonBackend:
                 f.write(json.dumps({"request_id": request.request_id, "prompt": prompt}) + "\n")
         except Exception:  # a debug aid must never fail a request
             log.warning("prompt log: cannot render request %s", request.request_id, exc_info=True)
+
+
+def _flush_denormals() -> None:
+    """Treat denormal floats as zero in this (stub) process.
+
+    Measured here: the transformers engine on CPU (fp32) sometimes ran ~10x slower after requests joined a running
+    batch (6 staggered requests: 121 s instead of 5-24 s, twice in three runs); with denormals flushed, never. The
+    engine owner may move this into the engine itself (both doors); harmless to call twice.
+    """
+    try:
+        import torch
+    except ImportError:  # an engine without torch (ONNX Runtime) has no such slow path to avoid
+        return
+    torch.set_flush_denormal(True)
 
 
 def _load_renderer(model_path: str) -> Any:

@@ -6,6 +6,10 @@ What makes the bundled 2.51 server work on CPU here (measured, see docs ENVIRONM
 - LD_LIBRARY_PATH starts with the base interpreter's lib dir (else the stub may bind an older system libpython);
 - `--disable-auto-complete-config` (each python model is otherwise started twice);
 - the server runs in its own process group: a stub can outlive a killed server, so stopping ends the whole group.
+
+With `runtime_repository` set (`dsa-agent triton` and `make run` set it: NEWBIE_TRITON_REPOSITORY, default
+var/triton-models) the server serves a copy of the source repository made at start, so versions can be added at
+run time (agent.serving.model_versions) without ever writing the source tree.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ MODEL_REPOSITORY = Path(__file__).resolve().parent / "triton-models"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # model.py reads it to import `agent` when the project is not pip-installed (the stub ignores PYTHONPATH).
 ROOT_ENV = "NEWBIE_APP_ROOT"
+# Where the launcher copies the model repository it serves (versions are added there at run time).
+RUNTIME_REPOSITORY_ENV = "NEWBIE_TRITON_REPOSITORY"
+DEFAULT_RUNTIME_REPOSITORY = Path("var/triton-models")
+
+
+def runtime_repository_from_env() -> Path:
+    """NEWBIE_TRITON_REPOSITORY, else var/triton-models (relative to the working directory, like HISTORY_DB)."""
+    raw = os.environ.get(RUNTIME_REPOSITORY_ENV, "").strip()
+    return Path(raw).expanduser().resolve() if raw else DEFAULT_RUNTIME_REPOSITORY.resolve()
 
 
 class TritonLaunchError(RuntimeError):
@@ -85,6 +98,9 @@ class TritonConfig:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 8003
     model_repository: Path = MODEL_REPOSITORY
+    # Set: serve a copy of `model_repository` made here at start (versions can be added to it); None: serve the
+    # source as it is (tests; versions can then only be activated, not added).
+    runtime_repository: Path | None = None
     models: tuple[str, ...] = ("qwen3-vl",)
     log_verbose: int = 0
     # Seconds Triton waits for in-flight requests at exit. After a reload that failed, 2.51 counts one model as live
@@ -109,7 +125,13 @@ class TritonConfig:
             metrics_port=s.triton_metrics_port,
             models=(s.triton_model_name,),
             control_key=control_key(s),
+            runtime_repository=runtime_repository_from_env(),
         )
+
+    @property
+    def served_repository(self) -> Path:
+        """The repository the server is started on."""
+        return self.runtime_repository or self.model_repository
 
     @property
     def http_url(self) -> str:
@@ -138,7 +160,7 @@ def server_command(cfg: TritonConfig, binary: str) -> list[str]:
     backends = Path(binary).parents[1] / "backends"
     cmd = [
         binary,
-        f"--model-repository={cfg.model_repository}",
+        f"--model-repository={cfg.served_repository}",
         f"--backend-directory={backends}",
         f"--cache-directory={backends.parent / 'caches'}",
         f"--http-address={cfg.http_address}",
@@ -185,6 +207,14 @@ class TritonServer:
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server in its own process group and wait until the model is ready."""
         binary = prepare_server()
+        if self.cfg.runtime_repository is not None:
+            from agent.engine.errors import ModelLoadError
+            from agent.serving.model_repository import prepare_runtime_repository
+
+            try:
+                prepare_runtime_repository(self.cfg.model_repository, self.cfg.runtime_repository)
+            except ModelLoadError as exc:
+                raise TritonLaunchError(exc.message) from None
         cmd = server_command(self.cfg, binary)
         shown = [a.split("api-key=")[0] + "api-key=***" if "api-key=" in a else a for a in cmd]
         log.info("starting Triton: %s", " ".join(shown))
@@ -271,6 +301,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--metrics-address", default=defaults.metrics_address)
     p.add_argument("--metrics-port", type=int, default=defaults.metrics_port)
     p.add_argument("--model-repository", type=Path, default=defaults.model_repository)
+    p.add_argument(
+        "--runtime-repository",
+        type=Path,
+        default=defaults.runtime_repository,
+        help=f"the copy Triton serves and versions are added to (env {RUNTIME_REPOSITORY_ENV})",
+    )
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
     return p.parse_args(list(argv))
@@ -285,6 +321,7 @@ def config_from_args(args: argparse.Namespace) -> TritonConfig:
         metrics_address=args.metrics_address,
         metrics_port=args.metrics_port,
         model_repository=args.model_repository,
+        runtime_repository=args.runtime_repository,
         models=(load_settings().triton_model_name,),
         log_verbose=args.log_verbose,
         control_key=control_key(load_settings()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,13 +64,16 @@ class ModelMetrics:
             families=families,
         )
 
-    def publish_info(self, pb_utils: Any, labels: dict[str, str], info: EngineInfo) -> None:
-        """`dsa_triton_model_info{model, version, <EngineInfo fields>} 1` once the engine is loaded."""
+    def publish_info(
+        self, pb_utils: Any, labels: dict[str, str], info: EngineInfo, extra: Mapping[str, str] | None = None
+    ) -> None:
+        """`dsa_triton_model_info{model, version, <EngineInfo fields>, <extra>} 1` once the engine is loaded."""
         kinds = pb_utils.MetricFamily
         family = kinds(name=INFO_METRIC, description="The loaded engine, in labels (1 while serving)", kind=kinds.GAUGE)
         self.families.append(family)
         # loaded_at tells a reloaded model's info from its predecessor's while both are briefly loaded.
-        described = {k: str(v) for k, v in asdict(info).items()} | {"loaded_at": f"{time.time():.3f}"}
+        described = {k: str(v) for k, v in asdict(info).items()} | dict(extra or {})
+        described["loaded_at"] = f"{time.time():.3f}"
         self.info = family.Metric(labels={**labels, **described})
         self.info.set(1)
 
@@ -85,12 +89,29 @@ def parse_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return out
 
 
-def parse_model_info(text: str, model: str) -> EngineInfo | None:
-    """The EngineInfo the model `model` published (None if it has not, e.g. still loading); the newest load wins."""
-    serving = [lab for lab, value in parse_samples(text, INFO_METRIC) if lab.get("model") == model and value == 1]
+def serving_info_labels(text: str, model: str, version: int | str | None = None) -> dict[str, str] | None:
+    """The info labels of `model` (of one `version` if given) at 1; the newest load wins (None: none published)."""
+    serving = [
+        lab
+        for lab, value in parse_samples(text, INFO_METRIC)
+        if lab.get("model") == model and value == 1 and (version is None or lab.get("version") == str(version))
+    ]
     if not serving:
         return None
-    labels = max(serving, key=lambda lab: float(lab.get("loaded_at", "0") or 0))
+    return max(serving, key=lambda lab: float(lab.get("loaded_at", "0") or 0))
+
+
+def parse_model_info(text: str, model: str, version: int | str | None = None) -> EngineInfo | None:
+    """The EngineInfo the model `model` (one `version` of it if given) published (None if it has not, e.g. still
+    loading); the newest load wins."""
+    labels = serving_info_labels(text, model, version)
+    if labels is None:
+        return None
+    return info_from_labels(labels, model)
+
+
+def info_from_labels(labels: Mapping[str, str], model: str) -> EngineInfo:
+    """EngineInfo from the labels of one `dsa_triton_model_info` sample."""
     return EngineInfo(
         model_name=labels.get("model_name", model),
         engine=labels.get("engine", "unknown"),

@@ -168,3 +168,23 @@ async def test_reload_keeps_serving_on_failure_and_an_image_reaches_tiny_qwen3vl
     finally:
         info = await gateway.reload({"model_path": None})  # back to the environment's SmolLM2
     assert info.model_name.startswith("SmolLM2") and not info.supports_images
+
+
+async def test_load_model_on_the_source_tree_reloads_parameters_instead_of_adding_a_version(
+    gateway: TritonGatewayEngine, triton_smollm: RunningTriton
+) -> None:
+    """The session server serves the source repository, which is never written: /load_model's gateway path falls
+    back to reloading the serving version with new parameters (docs/versioning.md)."""
+    from agent.serving.triton_launcher import MODEL_REPOSITORY
+
+    before = {p.name for p in (MODEL_REPOSITORY / MODEL).iterdir()}
+    try:
+        info = await gateway.load_model({"max_new_tokens": 3})
+        assert info.model_name.startswith("SmolLM2")
+        config = (await gateway._client.get_model_config(MODEL, as_json=True))["config"]
+        assert config["parameters"]["MAX_NEW_TOKENS"]["string_value"] == "3"
+        status, raw = triton_smollm.post(f"/v2/models/{MODEL}/generate", {"text_input": "Count to ten."})
+        assert status == 200 and json.loads(raw)["completion_tokens"] <= 3  # the new default bound applies
+    finally:
+        await gateway.reload({"max_new_tokens": None})
+    assert {p.name for p in (MODEL_REPOSITORY / MODEL).iterdir()} == before  # nothing written into the source

@@ -146,3 +146,5 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    # Not OpenAI's (clients ignore it): gateway mode's Triton versions and the default one (docs/versioning.md).
+    versions: dict[str, Any] | None = None

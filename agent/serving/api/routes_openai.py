@@ -39,11 +39,12 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 _STARTED = int(time.time())
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, response_model_exclude_none=True)  # `versions`: gateway mode only
 async def list_models(runner: RunnerDep) -> ModelList:
-    """The loaded model (503 while loading)."""
+    """The loaded model (503 while loading); in gateway mode also Triton's versions of it."""
     info = runner.info()
-    return ModelList(data=[ModelCard(id=info.model_name, created=_STARTED, max_model_len=info.context_length)])
+    card = ModelCard(id=info.model_name, created=_STARTED, max_model_len=info.context_length)
+    return ModelList(data=[card], versions=await runner.versions())
 
 
 @router.post(

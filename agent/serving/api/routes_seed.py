@@ -42,7 +42,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.get(
-    "/health", response_model=HealthResponse, responses={503: {"description": '{"status": "loading"} until ready'}}
+    "/health",
+    response_model=HealthResponse,
+    response_model_exclude_none=True,  # `versions` only in gateway mode
+    responses={503: {"description": '{"status": "loading"} until ready'}},
 )
 async def health(runner: RunnerDep) -> Any:
     """Ready (200, with the loaded model) or not yet (503 `{"status": "loading"}`)."""
@@ -53,7 +56,11 @@ async def health(runner: RunnerDep) -> Any:
             body["error"] = status.error
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(int(LOADING_RETRY_AFTER))})
     return HealthResponse(
-        model=EngineInfoOut.of(status.info), engine=status.info.engine, running=status.running, waiting=status.waiting
+        model=EngineInfoOut.of(status.info),
+        engine=status.info.engine,
+        running=status.running,
+        waiting=status.waiting,
+        versions=await runner.versions(),
     )
 
 

@@ -153,6 +153,9 @@ class HealthResponse(BaseModel):
     engine: str
     running: int
     waiting: int
+    versions: dict[str, Any] | None = Field(
+        None, description="gateway mode: the Triton model's versions and the default one (docs/versioning.md)"
+    )
 
 
 class ClearHistoryRequest(BaseModel):
