@@ -88,7 +88,6 @@ class TritonBackend:
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.metrics = ModelMetrics.create(self.pb, labels)
         self._thread.start()
-        _flush_denormals()
         from agent.serving.model_loader import load_engine
 
         started = time.monotonic()
@@ -255,20 +254,6 @@ class TritonBackend:
                 f.write(json.dumps({"request_id": request.request_id, "prompt": prompt}) + "\n")
         except Exception:  # a debug aid must never fail a request
             log.warning("prompt log: cannot render request %s", request.request_id, exc_info=True)
-
-
-def _flush_denormals() -> None:
-    """Treat denormal floats as zero in this (stub) process.
-
-    Measured here: the transformers engine on CPU (fp32) sometimes ran ~10x slower after requests joined a running
-    batch (6 staggered requests: 121 s instead of 5-24 s, twice in three runs); with denormals flushed, never. The
-    engine owner may move this into the engine itself (both doors); harmless to call twice.
-    """
-    try:
-        import torch
-    except ImportError:  # an engine without torch (ONNX Runtime) has no such slow path to avoid
-        return
-    torch.set_flush_denormal(True)
 
 
 def _load_renderer(model_path: str) -> Any:
