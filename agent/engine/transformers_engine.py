@@ -68,6 +68,9 @@ class TransformersEngine(Engine):
         started = time.monotonic()
         if self.spec.device == "cpu":
             torch.set_num_threads(_cpu_cores())
+            # Also here (the worker thread sets it too): threads created later, e.g. the intra-op pool, inherit the
+            # floating-point environment of their creator. See the scheduler's worker for the measured slowdown.
+            torch.set_flush_denormal(True)
         self._loaded = await asyncio.to_thread(load_model, self.spec)
         self._scheduler = Scheduler(
             self._loaded,
