@@ -95,6 +95,9 @@ def run_targets(args: argparse.Namespace, folder: Path, name: str, logs: Path) -
 
 
 async def _transformers_sweep(folder: Path, name: str, batched: bool, args: argparse.Namespace) -> list[dict]:
+    """The engine alone, batching on (max_batch_size 32) or off (1: the seed's one-request-at-a-time design).
+
+    Only the lowest and highest levels, one request per client: unbatched, 32 clients already take minutes."""
     from agent.config import DType, Quantization
     from agent.engine.spec import EngineSpec
     from agent.engine.transformers_engine import TransformersEngine

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -191,56 +190,24 @@ class TritonHttpStream:
 
 
 class TritonGrpcStream:
-    """One request through Triton's gRPC bidirectional stream (one tritonclient stream per request, in a thread)."""
+    """Requests through Triton's gRPC bidirectional stream, with the project's own async client (the gateway engine
+    that FastAPI uses in gateway mode: tritonclient.grpc.aio, one stream per request)."""
 
     def __init__(self, url: str, model: str, tokens: int) -> None:
-        self.url, self.model, self.tokens = url, model, tokens
+        from agent.engine.triton_gateway import TritonGatewayEngine
 
-    def _blocking(self, i: int) -> RequestSample:
-        import numpy as np
-        import tritonclient.grpc as grpcclient
-
-        def tensor(name: str, value: object, dtype: str, np_dtype: object) -> grpcclient.InferInput:
-            t = grpcclient.InferInput(name, [1, 1], dtype)
-            t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
-            return t
-
-        inputs = [
-            tensor("text_input", PROMPTS[i % len(PROMPTS)].encode(), "BYTES", np.object_),
-            tensor("max_tokens", self.tokens, "INT32", np.int32),
-            tensor("temperature", 0.0, "FP32", np.float32),
-            tensor("ignore_eos", True, "BOOL", bool),
-            tensor("stream", True, "BOOL", bool),
-        ]
-        events: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(self.url)
-        timer = StreamTimer()
-        client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
-        client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
-        try:
-            while True:
-                now, result, error = events.get(timeout=600)
-                if error is not None:
-                    raise RuntimeError(str(error))
-                response = result.get_response()
-                if "text_output" in {o.name for o in response.outputs}:
-                    timer.tokens = int(result.as_numpy("completion_tokens").reshape(-1)[0])
-                    if result.as_numpy("text_output").reshape(-1)[0]:
-                        timer.token(at=now)
-                if response.parameters.get("triton_final_response", None) and (
-                    response.parameters["triton_final_response"].bool_param
-                ):
-                    break
-        finally:
-            client.stop_stream()
-            client.close()
-        return timer.sample()
+        self.gateway = TritonGatewayEngine(url, model=model)
+        self.inner = InProcessEngine(self.gateway, tokens)
+        self.started = False
 
     async def __call__(self, i: int) -> RequestSample:
-        return await asyncio.to_thread(self._blocking, i)
+        if not self.started:
+            await self.gateway.start()
+            self.started = True
+        return await self.inner(i)
 
     async def close(self) -> None:
-        return None
+        await self.gateway.shutdown()
 
 
 class InProcessEngine:
