@@ -2,8 +2,9 @@
 
 The engine chooses tokens itself rather than with onnxruntime-genai's sampler because the sampler's options
 (temperature, top-p, seed, min length) are per generator, i.e. per batch: choosing per row lets requests with
-different sampling settings share one forward batch, and gives each seeded request its own random stream, so its
-output does not depend on which other requests it was batched with.
+different sampling settings share one forward batch, and gives each seeded request its own random stream: that
+random stream is not consumed by the requests it is batched with (its logits can still differ in the last bits with
+the batch shape: ONNX Runtime's int4 kernels are not batch-invariant).
 """
 
 from __future__ import annotations
