@@ -109,8 +109,8 @@ class Scheduler:
     # --- the worker thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # grad mode is per thread
-        # Denormal floats as zero: measured here, fp32 SmolLM2 sometimes ran ~10x slower after requests joined a
-        # running batch (6 staggered requests: 121 s instead of 5-24 s, twice in three runs); flushed, never.
+        # Denormal floats as zero: on a loaded machine fp32 SmolLM2 once ran ~10x slower after requests joined a
+        # running batch (121 s instead of 5-24 s); not reproduced on a quiet one (5.3 s either way). Cheap insurance.
         torch.set_flush_denormal(True)
         with torch.inference_mode():
             while self._wait_for_work():
