@@ -22,7 +22,7 @@ from bench.targets import fastapi_door, free_port, triton_door, vllm_serve
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).parent / "results"
-ALL_TARGETS = ["vllm_serve", "fastapi", "triton", "transformers_batched", "transformers_unbatched", "images"]
+ALL_TARGETS = ["vllm_serve", "fastapi", "triton", "onnx", "transformers_batched", "transformers_unbatched", "images"]
 
 
 def _median_levels(runs: list[list[LevelResult]]) -> list[dict]:
@@ -91,6 +91,9 @@ def run_targets(args: argparse.Namespace, folder: Path, name: str, logs: Path) -
         if key in args.targets:
             log.info("transformers engine in-process, batching %s", "on" if batched else "off (the seed's design)")
             figures[key] = asyncio.run(_transformers_sweep(folder, name, batched, args))
+    if "onnx" in args.targets:
+        log.info("ONNX Runtime GenAI engine in-process (int4)")
+        figures["onnx"] = asyncio.run(_onnx_sweep(folder, name, args))
     return figures
 
 
@@ -112,6 +115,21 @@ async def _transformers_sweep(folder: Path, name: str, batched: bool, args: argp
     engine = TransformersEngine(spec)
     await engine.start()
     try:
+        levels = sorted({min(args.levels), max(args.levels)})
+        return await _sweep(lambda: InProcessEngine(engine, args.tokens), levels, args.repeats, 1)
+    finally:
+        await engine.shutdown()
+
+
+async def _onnx_sweep(folder: Path, name: str, args: argparse.Namespace) -> list[dict]:
+    """The ONNX Runtime GenAI engine (int4, the CPU default for QUANTIZATION_TYPE=int4) alone, in-process."""
+    from agent.config import Quantization
+    from agent.engine.onnx_engine import OnnxEngine
+    from agent.engine.spec import EngineSpec
+
+    engine = OnnxEngine(EngineSpec(folder=folder, name=name, quantization=Quantization.int4, max_batch_size=32))
+    await engine.start()
+    try:
         return await _sweep(lambda: InProcessEngine(engine, args.tokens), args.levels, args.repeats, args.per_level)
     finally:
         await engine.shutdown()
@@ -130,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.levels, args.repeats = [1, 8, 32], 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the figures
 
     from agent.config import load_settings
     from agent.engine.checkpoints import resolve_model

@@ -85,6 +85,8 @@ def assemble(machine: MachineFloor, params: int, figures: dict, images: list[dic
             f"transformers_batching_gain_at_{top}": _ratio(
                 figures, "transformers_batched", "transformers_unbatched", top
             ),
+            "onnx_vs_vllm_at_1": _ratio(figures, "onnx", "vllm_serve", 1),
+            f"onnx_vs_vllm_at_{top}": _ratio(figures, "onnx", "vllm_serve", top),
             "ttft_overhead_ms_at_1": ttft,
         },
         "images": images,
