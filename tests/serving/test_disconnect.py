@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from agent.config import load_settings
 from agent.engine.fake import FakeEngine
 from agent.serving.model_server import create_app
+from tests.serving.live import serving, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,32 +26,6 @@ class RecordingEngine(FakeEngine):
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
         await super().abort(request_id)
-
-
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """Run `app` on a real uvicorn server on a free port, in this event loop."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-async def wait_for(condition: object, timeout: float = 3.0) -> bool:
-    for _ in range(int(timeout / 0.02)):
-        if condition():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 @pytest.fixture
@@ -74,8 +45,8 @@ async def test_stream_disconnect_aborts(engine_and_url: tuple[RecordingEngine, s
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
                     break  # one event, then hang up
-        assert await wait_for(lambda: len(engine.aborted) == 1), "engine request not aborted"
-        assert await wait_for(lambda: engine.stats.running == 0)
+        assert await wait_until(lambda: len(engine.aborted) == 1), "engine request not aborted"
+        assert await wait_until(lambda: engine.stats.running == 0)
         assert (await client.get("/history")).json()["history"] == []  # not stored
         assert (await client.get("/health")).json()["running"] == 0
 
@@ -88,7 +59,7 @@ async def test_openai_stream_disconnect_aborts(engine_and_url: tuple[RecordingEn
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
                     break
-        assert await wait_for(lambda: len(engine.aborted) == 1), "engine request not aborted"
+        assert await wait_until(lambda: len(engine.aborted) == 1), "engine request not aborted"
 
 
 async def test_plain_request_disconnect_aborts(engine_and_url: tuple[RecordingEngine, str]) -> None:
@@ -96,7 +67,7 @@ async def test_plain_request_disconnect_aborts(engine_and_url: tuple[RecordingEn
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(5.0, read=0.3)) as client:
         with pytest.raises(httpx.ReadTimeout):
             await client.post("/chat", json={"message": LONG})
-    assert await wait_for(lambda: len(engine.aborted) == 1), "engine request not aborted"
-    assert await wait_for(lambda: engine.stats.running == 0)
+    assert await wait_until(lambda: len(engine.aborted) == 1), "engine request not aborted"
+    assert await wait_until(lambda: engine.stats.running == 0)
     async with httpx.AsyncClient(base_url=url) as client:
         assert (await client.get("/history")).json()["history"] == []

@@ -16,13 +16,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from agent.config import load_settings
 from agent.engine.base import Engine
 from agent.engine.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from agent.serving.model_server import create_app
+from tests.serving import live
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +32,8 @@ SEED_BODY = {"message": "What is a binary tree?", "image_base64": None}
 @contextlib.asynccontextmanager
 async def serving(engine: Engine, db: Path, **overrides: object) -> AsyncIterator[str]:
     """The app on `engine` (already started, shared by the session) on a real uvicorn server on a free port."""
-    app = create_app(load_settings(history_db=db, **overrides), engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(1000):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with live.serving(create_app(load_settings(history_db=db, **overrides), engine)) as url:
+        yield url
 
 
 def looks_like_english(text: str) -> bool:
