@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -29,7 +28,8 @@ from agent.engine.base import Engine
 from agent.engine.errors import EngineError, EngineFailure, ModelLoadError, NotReadyError
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
 from agent.serving import triton_protocol as proto
-from agent.serving.triton_metrics import parse_model_info
+from agent.serving.model_versions import load_reason
+from agent.serving.triton_metrics import fetch_metrics_text, parse_model_info
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class TritonGatewayEngine(Engine):
         remote = None
         if self.metrics_url:
             try:
-                text = await asyncio.to_thread(_http_get, self.metrics_url)
+                text = await asyncio.to_thread(fetch_metrics_text, self.metrics_url)
                 remote = parse_model_info(text, self.model, version)
             except OSError as exc:
                 log.warning("cannot read Triton metrics at %s: %s", self.metrics_url, exc)
@@ -263,7 +263,7 @@ class TritonGatewayEngine(Engine):
                 self.model, headers=headers, config=json.dumps(config), client_timeout=RELOAD_TIMEOUT
             )
         except InferenceServerException as exc:
-            raise ModelLoadError(_load_reason(str(exc.message()))) from None
+            raise ModelLoadError(load_reason(str(exc.message()))) from None
         self._info = await self._fetch_info()
         return self._info
 
@@ -272,19 +272,6 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> EngineError:
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return NotReadyError(f"Triton unavailable: {exc.details()}", retry_after=2.0)
     return EngineFailure(f"Triton stream failed: {exc.code().name}: {exc.details()}")
-
-
-def _load_reason(message: str) -> str:
-    """Triton's load error, without its boilerplate: the engine's own message (ModelLoadError) when present."""
-    for marker in ("ModelLoadError: ", "Internal: "):
-        if marker in message:
-            message = message.split(marker, 1)[1]
-    return message.split("\n\nAt:")[0].strip()
-
-
-def _http_get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode("utf-8", "replace")
 
 
 @contextlib.asynccontextmanager

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from agent.serving.model_repository import (
     remove_version,
     write_version,
 )
-from agent.serving.triton_metrics import INFO_METRIC, parse_samples
+from agent.serving.triton_metrics import INFO_METRIC, fetch_metrics_text, parse_samples
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,7 @@ class TritonVersions:
         if not self.metrics_url:
             return {}
         try:
-            text = await asyncio.to_thread(_http_get, self.metrics_url)
+            text = await asyncio.to_thread(fetch_metrics_text, self.metrics_url)
         except OSError as exc:
             log.warning("cannot read Triton metrics at %s: %s", self.metrics_url, exc)
             return {}
@@ -241,19 +240,15 @@ class TritonVersions:
         return newest
 
 
-def load_reason(message: str, versions: list[int]) -> str:
+def load_reason(message: str, versions: list[int] | None = None) -> str:
     """Triton's load error, without its boilerplate: the engine's own message when present."""
-    if "at least one version must be available" in message or "directory is not present" in message:
+    missing = "at least one version must be available" in message or "directory is not present" in message
+    if versions is not None and missing:
         return f"no version folder {versions} in Triton's model repository ({message.strip()})"
     for marker in ("ModelLoadError: ", "Internal: "):
         if marker in message:
             message = message.split(marker, 1)[1]
     return message.split("\n\nAt:")[0].strip()
-
-
-def _http_get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------------- FastAPI door

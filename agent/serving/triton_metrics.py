@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -122,3 +123,9 @@ def info_from_labels(labels: Mapping[str, str], model: str) -> EngineInfo:
         dtype=labels.get("dtype", "auto"),
         quantization=labels.get("quantization", "none"),
     )
+
+
+def fetch_metrics_text(url: str, timeout: float = 5.0) -> str:
+    """The Prometheus text of Triton's metrics endpoint (blocking: call it in a thread)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode("utf-8", "replace")
