@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from agent.engine.base import Engine
+from agent.engine.cpu import usable_cores
 from agent.engine.errors import (
     EngineFailure,
     InvalidRequestError,
@@ -55,14 +55,6 @@ class _Loaded:
     context_length: int
     eos_ids: frozenset[int]
     scheduler: CohortScheduler
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (respects taskset / cgroup cpusets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class OnnxEngine(Engine):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
 
 from agent.engine.base import Engine
+from agent.engine.cpu import usable_cores
 from agent.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from agent.engine.errors import (
     EngineFailure,
@@ -45,13 +45,6 @@ log = logging.getLogger(__name__)
 VISION_EXAMPLE = "Qwen/Qwen3-VL-8B-Instruct"
 
 
-def _cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 class TransformersEngine(Engine):
     """Serves one Hugging Face checkpoint (text or Qwen3-VL) with continuous batching on CPU or CUDA."""
 
@@ -67,7 +60,7 @@ class TransformersEngine(Engine):
         """Load the model off the event loop, start the worker thread, and warm up with one short generation."""
         started = time.monotonic()
         if self.spec.device == "cpu":
-            torch.set_num_threads(_cpu_cores())
+            torch.set_num_threads(usable_cores())
             # Also here (the worker thread sets it too): threads created later, e.g. the intra-op pool, inherit the
             # floating-point environment of their creator. See the scheduler's worker for the measured slowdown.
             torch.set_flush_denormal(True)
