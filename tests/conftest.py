@@ -9,6 +9,17 @@ import pytest
 from agent.config import DType, Quantization, load_settings
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The shared engines run on the CPU here and in CI; on a lent GPU machine the same suites run with
+    # `--engine-device cuda` (tests/run-on-cuda.sh).
+    parser.addoption("--engine-device", default="cpu", choices=("cpu", "cuda"), help="device of the shared engines")
+
+
+@pytest.fixture(scope="session")
+def engine_device(request: pytest.FixtureRequest) -> str:
+    return request.config.getoption("--engine-device")
+
+
 @pytest.fixture(scope="session")
 def model_cache_dir() -> Path:
     return load_settings().model_cache_dir
@@ -31,7 +42,7 @@ def tiny_vl_folder(model_cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm_spec(smollm_folder: Path):
+def smollm_spec(smollm_folder: Path, engine_device: str):
     from agent.engine.spec import EngineSpec
 
     # fp32: deterministic greedy output and no slow bf16 warm-up in tests.
@@ -41,6 +52,7 @@ def smollm_spec(smollm_folder: Path):
         dtype=DType.float32,
         quantization=Quantization.none,
         max_batch_size=16,
+        device=engine_device,
     )
 
 
@@ -56,7 +68,7 @@ async def smollm_engine(smollm_spec):
 
 
 @pytest.fixture(scope="session")
-async def tiny_vl_engine(tiny_vl_folder: Path):
+async def tiny_vl_engine(tiny_vl_folder: Path, engine_device: str):
     """One started transformers engine on the tiny Qwen3-VL for the whole test session."""
     from agent.engine.spec import EngineSpec
     from agent.engine.transformers_engine import TransformersEngine
@@ -68,6 +80,7 @@ async def tiny_vl_engine(tiny_vl_folder: Path):
         quantization=Quantization.none,
         max_batch_size=8,
         image_max_pixels=256 * 256,
+        device=engine_device,
     )
     engine = TransformersEngine(spec)
     await engine.start()

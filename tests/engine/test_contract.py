@@ -122,13 +122,13 @@ async def test_image_on_text_model_is_refused(engine) -> None:
     assert "vision" in err.value.message.lower()
 
 
-async def test_info(engine, engine_kind: str) -> None:
+async def test_info(engine, engine_kind: str, engine_device: str) -> None:
     info = engine.info()
     assert info.engine == engine_kind
     assert info.model_name == "SmolLM2-135M-Instruct"
     assert info.supports_images is False
     assert info.context_length >= 2048
-    assert info.device == "cpu"
+    assert info.device == engine_device
     assert await engine.health()
 
 

@@ -117,10 +117,11 @@ async def test_abort_of_a_finished_id_does_not_touch_a_later_request(smollm_engi
 
 
 @pytest.mark.slow
-async def test_shutdown_aborts_streams_in_flight(tiny_vl_folder) -> None:
+async def test_shutdown_aborts_streams_in_flight(tiny_vl_folder, engine_device: str) -> None:
     from agent.engine.spec import EngineSpec
 
-    engine = TransformersEngine(EngineSpec(folder=tiny_vl_folder, name="tiny", dtype=DType.float32))
+    spec = EngineSpec(folder=tiny_vl_folder, name="tiny", dtype=DType.float32, device=engine_device)
+    engine = TransformersEngine(spec)
     await engine.start()
     stream = engine.generate(look(noise(64, 64, 5), max_new_tokens=2000))
     chunks = [await anext(stream)]
@@ -142,6 +143,13 @@ def test_prompt_is_the_shared_render(smollm_engine) -> None:
 # --- loading rules ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def on_cpu(engine_device: str) -> None:
+    """These rules are about what a CPU machine cannot do; on a GPU run (--engine-device cuda) they don't apply."""
+    if engine_device != "cpu":
+        pytest.skip("a CPU-only loading rule")
+
+
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
@@ -152,7 +160,7 @@ def test_prompt_is_the_shared_render(smollm_engine) -> None:
         ({"device": "cuda"}, ["cuda", "DEVICE=cpu"]),
     ],
 )
-async def test_impossible_settings_fail_clearly(smollm_spec, changes, words) -> None:
+async def test_impossible_settings_fail_clearly(smollm_spec, changes, words, on_cpu) -> None:
     engine = TransformersEngine(smollm_spec.with_(**changes))
     with pytest.raises(ModelLoadError) as err:
         await engine.start()
@@ -167,7 +175,7 @@ async def test_not_a_model_folder(smollm_spec, tmp_path) -> None:
 
 
 @pytest.mark.slow
-async def test_int4_bitsandbytes_generates_on_cpu(smollm_spec) -> None:
+async def test_int4_bitsandbytes_generates_on_cpu(smollm_spec, on_cpu) -> None:
     spec = smollm_spec.with_(quantization=Quantization.int4, dtype=DType.bfloat16, max_batch_size=2)
     engine = TransformersEngine(spec)
     await engine.start()
