@@ -22,7 +22,16 @@ from bench.targets import fastapi_door, free_port, triton_door, vllm_serve
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).parent / "results"
-ALL_TARGETS = ["vllm_serve", "fastapi", "triton", "onnx", "transformers_batched", "transformers_unbatched", "images"]
+ALL_TARGETS = [
+    "vllm_serve",
+    "fastapi",
+    "triton",
+    "onnx",
+    "onnx_int8",
+    "transformers_batched",
+    "transformers_unbatched",
+    "images",
+]
 
 
 def _median_levels(runs: list[list[LevelResult]]) -> list[dict]:
@@ -91,9 +100,10 @@ def run_targets(args: argparse.Namespace, folder: Path, name: str, logs: Path) -
         if key in args.targets:
             log.info("transformers engine in-process, batching %s", "on" if batched else "off (the seed's design)")
             figures[key] = asyncio.run(_transformers_sweep(folder, name, batched, args))
-    if "onnx" in args.targets:
-        log.info("ONNX Runtime GenAI engine in-process (int4)")
-        figures["onnx"] = asyncio.run(_onnx_sweep(folder, name, args))
+    for key, quantization in (("onnx", "int4"), ("onnx_int8", "int8")):
+        if key in args.targets:
+            log.info("ONNX Runtime GenAI engine in-process (%s)", quantization)
+            figures[key] = asyncio.run(_onnx_sweep(folder, name, quantization, args))
     return figures
 
 
@@ -121,13 +131,15 @@ async def _transformers_sweep(folder: Path, name: str, batched: bool, args: argp
         await engine.shutdown()
 
 
-async def _onnx_sweep(folder: Path, name: str, args: argparse.Namespace) -> list[dict]:
-    """The ONNX Runtime GenAI engine (int4, the CPU default for QUANTIZATION_TYPE=int4) alone, in-process."""
+async def _onnx_sweep(folder: Path, name: str, quantization: str, args: argparse.Namespace) -> list[dict]:
+    """The ONNX Runtime GenAI engine alone, in-process: int4 (what `auto` serves for the seed's default
+    QUANTIZATION_TYPE=int4 on CPU) or int8."""
     from agent.config import Quantization
     from agent.engine.onnx_engine import OnnxEngine
     from agent.engine.spec import EngineSpec
 
-    engine = OnnxEngine(EngineSpec(folder=folder, name=name, quantization=Quantization.int4, max_batch_size=32))
+    spec = EngineSpec(folder=folder, name=name, quantization=Quantization(quantization), max_batch_size=32)
+    engine = OnnxEngine(spec)
     await engine.start()
     try:
         return await _sweep(lambda: InProcessEngine(engine, args.tokens), args.levels, args.repeats, args.per_level)
@@ -144,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-level", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--quick", action="store_true", help="levels 1 8 32, one repeat (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--label", default="", help="suffix for the result files (a partial run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.levels, args.repeats = [1, 8, 32], 1
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.engine.checkpoints import resolve_model
 
     resolved = resolve_model(None, load_settings().model_cache_dir)
-    stamp = f"{dt.date.today().isoformat()}-{platform.node() or 'machine'}"
+    stamp = f"{dt.date.today().isoformat()}-{platform.node() or 'machine'}" + (f"-{args.label}" if args.label else "")
     logs = args.out / f"{stamp}-logs"
     log.info("measuring the machine's floor")
     machine = floor.measure_machine()

@@ -21,6 +21,7 @@ LABELS = {
     "transformers_batched": "transformers engine, batching on",
     "transformers_unbatched": "transformers engine, batching off",
     "onnx": "ONNX Runtime GenAI engine (int4)",
+    "onnx_int8": "ONNX Runtime GenAI engine (int8)",
 }
 
 
@@ -87,6 +88,13 @@ def assemble(machine: MachineFloor, params: int, figures: dict, images: list[dic
             ),
             "onnx_vs_vllm_at_1": _ratio(figures, "onnx", "vllm_serve", 1),
             f"onnx_vs_vllm_at_{top}": _ratio(figures, "onnx", "vllm_serve", top),
+            "onnx_int8_vs_vllm_at_1": _ratio(figures, "onnx_int8", "vllm_serve", 1),
+            f"onnx_int8_vs_vllm_at_{top}": _ratio(figures, "onnx_int8", "vllm_serve", top),
+            f"ttft_p50_vs_vllm_at_{top}": {
+                t: _ratio(figures, t, "vllm_serve", top, "ttft_p50_ms")
+                for t in ("onnx", "onnx_int8")
+                if t in figures and "vllm_serve" in figures
+            },
             "ttft_overhead_ms_at_1": ttft,
         },
         "images": images,
