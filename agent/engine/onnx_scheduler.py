@@ -141,12 +141,23 @@ class Cohort:
         """One decode step for every row; finished rows ride along (a generator cannot drop rows)."""
         live = self.live()
         if any(s.needs_logits for s in live):
+            # Edited in place and handed back: og's greedy choice then takes each row's token. A greedy row only
+            # loses its banned ids; a sampled row keeps just the token chosen here. (A whole-batch copy per step
+            # was ~1 ms at 32 rows; these edits are µs.)
             logits = self.generator.get_logits()
-            forced = np.full(logits.shape, -np.inf, dtype=np.float32)
+            if not logits.flags.writeable:
+                logits = logits.copy()
             for i, s in enumerate(self.rows):
-                token = choose_token(logits[i, -1], s.sampling, s.rng, s.banned_tokens()) if not s.finished else 0
-                forced[i, -1, token] = 0.0
-            self.generator.set_logits(forced)
+                if s.finished or not s.needs_logits:
+                    continue
+                row = logits[i, -1]
+                if s.sampling.greedy:
+                    row[list(s.banned_tokens())] = -np.inf
+                else:
+                    token = choose_token(row, s.sampling, s.rng, s.banned_tokens())
+                    row.fill(-np.inf)
+                    row[token] = 0.0
+            self.generator.set_logits(logits)
         self.generator.generate_next_token()
         tokens = self.generator.get_next_tokens()
         for i, s in enumerate(self.rows):
