@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     """vLLM without graph compilation: ready in ~30 s instead of 80-120 s on CPU, ~5 % slower decoding."""
     vllm_max_model_len: int = Field(4096, ge=128)
     """vLLM context length (bounds its KV cache)."""
+    onnx_kv_cache_mb: int = Field(2048, ge=16)
+    """ONNX engine: most memory (MiB) for the running requests' KV cache; new requests wait while it is full (one
+    request alone always runs)."""
+    onnx_prefix_cache_mb: int = Field(256, ge=0)
+    """ONNX engine: memory (MiB) for cached prompt prefixes (system prompt, earlier turns) reused by later requests;
+    0 turns prefix caching off."""
     model_cache_dir: Path = Path.home() / ".cache" / "newbie-app"
     """Where converted models (embedded GGUF -> safetensors) are cached."""
 

@@ -1,10 +1,11 @@
-"""ONNX Runtime GenAI engine (LOADING_STRATEGY=onnx): int4 or fp32 text models on CPU.
+"""ONNX Runtime GenAI engine (LOADING_STRATEGY=onnx): int4, int8 or fp32 text models on CPU.
 
-`start()` builds the ONNX model from `spec.folder` once into `spec.cache_dir / "onnx"` (agent.engine.onnx_build),
-loads it with one intra-op thread per usable core and starts the cohort scheduler (agent.engine.onnx_scheduler: why
-cohorts, and what onnxruntime-genai 0.18 offers for continuous batching, is explained there and in docs/onnx.md).
-Prompts are built by the shared `render_prompt` with the model folder's Hugging Face tokenizer (the same prompt as
-every other engine) and tokenized by onnxruntime-genai's tokenizer; text streams through its incremental decoder.
+`start()` builds the ONNX model from `spec.folder` once into `spec.cache_dir / "onnx"` with onnxruntime-genai's model
+builder (agent.engine.onnx_build), loads the built decoder into onnxruntime with one intra-op thread per usable core,
+and starts the continuous-batching scheduler (agent.engine.onnx_scheduler: why it runs the decoder itself rather
+than through onnxruntime-genai's generator is explained there and in docs/onnx.md).
+Prompts are built by the shared `render_prompt` and tokenized with the model folder's Hugging Face tokenizer (the
+same tokens as every other engine); text streams through the shared incremental detokenizer.
 Vision models are refused with ModelLoadError (the builder exports only a VL model's text decoder).
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from agent.engine.base import Engine
 from agent.engine.cpu import usable_cores
+from agent.engine.detokenize import IncrementalDetokenizer
 from agent.engine.errors import (
     EngineFailure,
     InvalidRequestError,
@@ -31,7 +33,9 @@ from agent.engine.errors import (
     UnsupportedInputError,
 )
 from agent.engine.onnx_build import OnnxBuildOptions, ensure_onnx_model, precision_for
-from agent.engine.onnx_scheduler import CohortScheduler, SchedulerLimits, Sequence
+from agent.engine.onnx_kv import KvPool, KvShape, PrefixCache
+from agent.engine.onnx_runner import DecoderRunner
+from agent.engine.onnx_scheduler import OnnxScheduler, SchedulerLimits, Sequence
 from agent.engine.prompt import render_prompt
 from agent.engine.spec import EngineSpec
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
@@ -47,18 +51,15 @@ DEFAULT_ACCURACY_LEVEL: int | None = None
 class _Loaded:
     """Everything `start()` loads; None before start and after shutdown."""
 
-    og: Any  # the onnxruntime_genai module
-    model: Any
-    tokenizer: Any  # og.Tokenizer
-    hf_tokenizer: Any  # transformers tokenizer: chat template only
+    tokenizer: Any  # the model folder's Hugging Face tokenizer: chat template, encoding, decoding
     onnx_path: Path
     context_length: int
     eos_ids: frozenset[int]
-    scheduler: CohortScheduler
+    scheduler: OnnxScheduler
 
 
 class OnnxEngine(Engine):
-    """Engine on onnxruntime-genai: builds/caches the ONNX model, batches concurrent requests in cohorts."""
+    """Engine on a model built by onnxruntime-genai: continuous batching and a prefix cache over onnxruntime."""
 
     def __init__(
         self,
@@ -66,15 +67,13 @@ class OnnxEngine(Engine):
         *,
         accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
         threads: int | None = None,
-        merge_tokens: int = 1024,
-        kv_budget_bytes: int = 2 << 30,
+        prefill_tokens: int = 512,
     ) -> None:
         self.spec = spec
         self.stats = EngineStats()
         self.threads = threads or usable_cores()
         self._accuracy_level = accuracy_level
-        self._merge_tokens = merge_tokens
-        self._kv_budget_bytes = kv_budget_bytes
+        self._prefill_tokens = prefill_tokens
         self._loaded: _Loaded | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
@@ -92,40 +91,36 @@ class OnnxEngine(Engine):
         log.info("ONNX engine ready in %.1f s (%s, %d threads)", time.monotonic() - started, options.tag, self.threads)
 
     def _load(self, options: OnnxBuildOptions) -> _Loaded:
-        import onnxruntime_genai as og
         from transformers import AutoTokenizer
 
         path = ensure_onnx_model(self.spec.folder, self.spec.cache_dir, options)
-        config = og.Config(str(path))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
-        try:
-            model = og.Model(config)
-            tokenizer = og.Tokenizer(model)
-            hf_tokenizer = AutoTokenizer.from_pretrained(self.spec.folder)
-        except Exception as exc:
-            raise ModelLoadError(f"could not load the ONNX model at {path}: {exc}") from exc
         genai = json.loads((path / "genai_config.json").read_text())["model"]
         decoder = genai["decoder"]
-        # fp32 past/present tensors on CPU (int4 quantizes weights only): K and V per layer, per KV head.
-        kv_bytes = decoder["num_hidden_layers"] * 2 * decoder["num_key_value_heads"] * decoder["head_size"] * 4
+        shape = KvShape(decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"])
+        context_length = int(genai["context_length"])
+        pool = KvPool(shape, context_length)
+        try:
+            runner = DecoderRunner(path / decoder["filename"], self.threads, pool)
+            tokenizer = AutoTokenizer.from_pretrained(self.spec.folder)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the ONNX model at {path}: {exc}") from exc
+        _warm_up(runner)
         limits = SchedulerLimits(
             max_batch_size=self.spec.max_batch_size,
-            kv_budget_bytes=self._kv_budget_bytes,
-            kv_bytes_per_token=kv_bytes,
-            merge_tokens=self._merge_tokens,
-            context_length=int(genai["context_length"]),
+            kv_budget_bytes=self.spec.onnx_kv_cache_mb << 20,
+            prefill_tokens=self._prefill_tokens,
         )
-        _warm_up(og, model)
-        scheduler = CohortScheduler(og, model, pad_id=int(genai["pad_token_id"]), limits=limits, stats=self.stats)
+        prefixes = PrefixCache(shape.bytes_per_token, self.spec.onnx_prefix_cache_mb << 20)
+        scheduler = OnnxScheduler(runner, prefixes, limits=limits, stats=self.stats)
         scheduler.start()
+        eos = genai["eos_token_id"]
         return _Loaded(
-            og=og,
-            model=model,
             tokenizer=tokenizer,
-            hf_tokenizer=hf_tokenizer,
             onnx_path=path,
-            context_length=limits.context_length,
-            eos_ids=frozenset(int(t) for t in tokenizer.eos_token_ids),
+            context_length=context_length,
+            eos_ids=frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos])),
             scheduler=scheduler,
         )
 
@@ -187,8 +182,8 @@ class OnnxEngine(Engine):
             raise InvalidRequestError("max_new_tokens must be at least 1")
         if not 0.0 < sampling.top_p <= 1.0:
             raise InvalidRequestError("top_p must be in (0, 1]")
-        prompt = render_prompt(loaded.hf_tokenizer, request.messages, vision=False)
-        prompt_ids = np.asarray(loaded.tokenizer.encode(prompt), dtype=np.int32)
+        prompt = render_prompt(loaded.tokenizer, request.messages, vision=False)
+        prompt_ids = np.asarray(loaded.tokenizer.encode(prompt, add_special_tokens=False), dtype=np.int64)
         room = loaded.context_length - len(prompt_ids)
         if room < 1:
             raise InvalidRequestError(
@@ -208,17 +203,15 @@ class OnnxEngine(Engine):
             sampling=sampling,
             max_new_tokens=min(sampling.max_new_tokens, room),
             sink=sink,
-            stream=loaded.tokenizer.create_stream(),
+            detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt_ids.tolist()),
             eos_ids=loaded.eos_ids,
             rng=np.random.default_rng(sampling.seed),
         )
         return seq, queue
 
 
-def _warm_up(og: Any, model: Any) -> None:
-    """One tiny generation so the first user request does not pay for onnxruntime's lazy initialisation."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=8)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray([[1, 2, 3]], dtype=np.int32))
-    generator.generate_next_token()
+def _warm_up(runner: DecoderRunner) -> None:
+    """One tiny forward pass so the first user request does not pay for onnxruntime's lazy initialisation."""
+    runner.pool.ensure(1, 8, keep=(0, 0))
+    runner.forward(slice(0, 1), np.asarray([[1, 2, 3]]), np.ones((1, 3), dtype=np.int64))
+    runner.pool.release()

@@ -34,7 +34,7 @@ def gather_last_real_token(model_file: Path) -> None:
     if index is None:
         raise GraphEditError(f"{model_file}: no {PRUNE_GATHER} node (was it built with prune_lm_head=true?)")
     gather = graph.node[index]
-    hidden, out = gather.input[0], gather.output[0]
+    hidden, old_index, out = gather.input[0], gather.input[1], gather.output[0]
     p = "/lm_head/last_real_token"
 
     def const(name: str, values: list[int]) -> str:
@@ -59,6 +59,11 @@ def gather_last_real_token(model_file: Path) -> None:
     del graph.node[index]
     for offset, node in enumerate(nodes):
         graph.node.insert(index + offset, node)
+    if not any(old_index in node.input for node in graph.node):  # the constant -1 is left unused: drop it
+        for i, init in enumerate(graph.initializer):
+            if init.name == old_index:
+                del graph.initializer[i]
+                break
     tmp = model_file.with_suffix(".edited")
     onnx.save(model, str(tmp))
     tmp.replace(model_file)

@@ -1,21 +1,20 @@
-"""The ONNX engine's scheduler: concurrent requests share decode steps in cohorts of `og.Generator` batches.
+"""The ONNX engine's scheduler: continuous batching over the KV pool, with a prefix cache.
 
-What onnxruntime-genai 0.18 offers (read from its API and tried here, see docs/onnx.md):
-- `og.Engine` + `Request.begin_turn` + `Engine.run(event_buffer)` is its continuous-batching engine. True continuous
-  batching (`engine.dynamic_batching`) needs a PagedAttention model, which the builder makes only for CUDA (fp16/bf16)
-  and WebGPU. On CPU it falls back to its *static* scheduler: waves of at most 4 requests (hard-coded), a wave must
-  finish before the next starts; 8 requests ran at 29-60 tok/s against 65-69 for one `og.Generator` (same run).
-- `og.Generator` batches any number of sequences but takes its input once (`append_tokens` only once for batch > 1):
-  rows cannot be added to, or removed from, a running generator.
+What onnxruntime-genai 0.18 offers for this (read from its API and tried here, see docs/onnx.md): `og.Engine`'s
+continuous batching needs a PagedAttention model, which its builder makes only for CUDA and WebGPU (on CPU it runs
+static waves of at most 4 requests), and an `og.Generator` takes its batch once (rows can neither join nor leave).
+So the engine keeps onnxruntime-genai for what it does well, building the model, and runs the built decoder itself
+(agent.engine.onnx_runner) over its own KV cache (agent.engine.onnx_kv):
 
-So this scheduler batches in cohorts: waiting requests are admitted at the next step as a new cohort (a new request
-waits at most one step of each running cohort, never for a whole wave), cohorts are stepped round-robin, and
-cohorts are re-formed by re-prefilling (prompt + tokens generated so far) when that is cheap:
-- on admission, running cohorts whose live rows fit `merge_tokens` are absorbed into the new cohort, so requests that
-  arrive a few milliseconds apart end up sharing one forward batch;
-- a cohort at least half of whose rows have finished is compacted (finished rows still cost compute in a
-  generator), again within `merge_tokens`.
-Tokens are chosen per row (agent.engine.onnx_sampling), so a re-prefilled request continues exactly where it was.
+- each running sequence owns a row of the KV pool; one decode step runs every running row (rows at different
+  lengths: GroupQueryAttention takes each row's length from the attention mask);
+- a waiting request joins at the next step: its prompt is prefilled into a free row (copying the longest cached
+  prefix first, so only the rest is computed), it streams its first token, and it decodes with the others from the
+  next step on. Prefills run one row at a time (GroupQueryAttention's limit with a cache behind the new tokens);
+  at most `prefill_tokens` prompt tokens are prefilled between two decode steps, so running streams keep flowing;
+- a finished or aborted sequence leaves at once: the last row moves into its place;
+- tokens are chosen per row in numpy (agent.engine.onnx_sampling): requests with different sampling settings share
+  a step, and a seeded request draws from its own random stream.
 The loop runs on its own thread (onnxruntime releases the GIL); results go back through each sequence's sink.
 """
 
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from agent.engine.detokenize import StopMatcher
+from agent.engine.onnx_kv import KvPool, PrefixCache
+from agent.engine.onnx_runner import DecoderRunner
 from agent.engine.onnx_sampling import choose_token
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
@@ -49,13 +50,14 @@ class Sequence:
     sampling: SamplingParams
     max_new_tokens: int
     sink: Sink
-    stream: Any  # og.TokenizerStream: incremental detokenizer
+    detokenizer: Any  # agent.engine.detokenize.IncrementalDetokenizer
     eos_ids: frozenset[int]
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     on_finish: Callable[[], None] | None = None  # runs before the final chunk is sent (keeps stats exact)
+    cached: int = 0  # tokens of this sequence in its KV row
 
     def __post_init__(self) -> None:
         self._stops = StopMatcher(self.sampling.stop)
@@ -66,15 +68,12 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
-    def needs_logits(self) -> bool:
-        """False when onnxruntime-genai's own greedy choice is exactly what this row wants (the fast path)."""
-        return not self.sampling.greedy or len(self.generated) < self.min_new_tokens
+    def tokens_needed(self) -> int:
+        """KV positions this sequence can reach: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.max_new_tokens
 
     def banned_tokens(self) -> tuple[int, ...]:
         return tuple(self.eos_ids) if len(self.generated) < self.min_new_tokens else ()
-
-    def input_ids(self) -> np.ndarray:
-        return np.concatenate([self.prompt_ids, np.asarray(self.generated, dtype=np.int32)])
 
     def accept(self, token: int) -> None:
         """Take one generated token: stream its text, and finish on EOS, a stop string or the length limit."""
@@ -83,9 +82,8 @@ class Sequence:
         if token in self.eos_ids and count > self.min_new_tokens:
             self.finish("stop", self._stops.flush())
             return
-        text = self._stops.feed(self.stream.decode(token))
-        stopped = self._stops.stopped
-        if stopped:
+        text = self._stops.feed(self.detokenizer.push(token))
+        if self._stops.stopped:
             self.finish("stop", text)
         elif count >= self.max_new_tokens:
             self.finish("length", text + self._stops.flush())
@@ -110,86 +108,38 @@ class Sequence:
         self.sink(GenerationChunk(self.request_id, text, len(self.prompt_ids), len(self.generated), reason))
 
 
-class Cohort:
-    """One `og.Generator` over a fixed set of sequences (right-padded, prefilled on creation)."""
-
-    def __init__(self, og: Any, model: Any, seqs: list[Sequence], pad_id: int, context_length: int) -> None:
-        self.rows = seqs
-        inputs = [s.input_ids() for s in seqs]
-        width = max(len(ids) for ids in inputs)
-        batch = np.full((len(seqs), width), pad_id, dtype=np.int32)
-        for i, ids in enumerate(inputs):
-            batch[i, : len(ids)] = ids
-        remaining = max(s.max_new_tokens - len(s.generated) for s in seqs)
-        params = og.GeneratorParams(model)
-        # The KV cache is allocated for max_length up front: size it to this cohort's real need.
-        params.set_search_options(
-            do_sample=False, batch_size=len(seqs), max_length=min(width + remaining, context_length)
-        )
-        self.generator = og.Generator(model, params)
-        self.generator.append_tokens(batch)
-        self.max_length = min(width + remaining, context_length)
-
-    @property
-    def size(self) -> int:
-        return len(self.rows)
-
-    def live(self) -> list[Sequence]:
-        return [s for s in self.rows if not s.finished]
-
-    def step(self) -> None:
-        """One decode step for every row; finished rows ride along (a generator cannot drop rows)."""
-        live = self.live()
-        if any(s.needs_logits for s in live):
-            # Edited in place and handed back: og's greedy choice then takes each row's token. A greedy row only
-            # loses its banned ids; a sampled row keeps just the token chosen here. (A whole-batch copy per step
-            # was ~1 ms at 32 rows; these edits are µs.)
-            logits = self.generator.get_logits()
-            if not logits.flags.writeable:
-                logits = logits.copy()
-            for i, s in enumerate(self.rows):
-                if s.finished or not s.needs_logits:
-                    continue
-                row = logits[i, -1]
-                if s.sampling.greedy:
-                    row[list(s.banned_tokens())] = -np.inf
-                else:
-                    token = choose_token(row, s.sampling, s.rng, s.banned_tokens())
-                    row.fill(-np.inf)
-                    row[token] = 0.0
-            self.generator.set_logits(logits)
-        self.generator.generate_next_token()
-        tokens = self.generator.get_next_tokens()
-        for i, s in enumerate(self.rows):
-            if not s.finished:
-                s.accept(int(tokens[i]))
-        if self.generator.is_done():  # the context length ran out before the requests' own limits
-            for s in self.live():
-                s.finish("length")
-
-    def rebuild_cost(self) -> int:
-        """Tokens a re-prefill of the live rows would process."""
-        return sum(len(s.prompt_ids) + len(s.generated) for s in self.live())
+def choose_tokens(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
+    """One token per row of `logits` ([n, vocab], edited in place): argmax for greedy rows (over the whole batch at
+    once), per-row sampling for the others; banned ids (EOS before a minimum length) are never chosen."""
+    for i, seq in enumerate(seqs):
+        banned = seq.banned_tokens()
+        if banned:
+            logits[i, list(banned)] = -np.inf
+    tokens = np.argmax(logits, axis=-1).tolist()
+    for i, seq in enumerate(seqs):
+        if not seq.sampling.greedy:
+            tokens[i] = choose_token(logits[i], seq.sampling, seq.rng)
+    return tokens
 
 
 @dataclass(frozen=True)
 class SchedulerLimits:
-    max_batch_size: int = 32  # rows decoded together, over all cohorts
-    kv_budget_bytes: int = 2 << 30  # KV cache preallocated by all cohorts together
-    kv_bytes_per_token: int = 0  # per row and position; 0 disables the KV budget
-    merge_tokens: int = 1024  # largest re-prefill spent on merging or compacting cohorts
-    context_length: int = 8192
+    max_batch_size: int = 32  # sequences decoded together
+    kv_budget_bytes: int = 2 << 30  # the KV pool's size limit (a lone request is always admitted)
+    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one prompt)
 
 
-class CohortScheduler:
-    """Admits, steps, merges and retires cohorts on one background thread."""
+class OnnxScheduler:
+    """Admits, prefills, decodes and retires sequences on one background thread."""
 
-    def __init__(self, og: Any, model: Any, *, pad_id: int, limits: SchedulerLimits, stats: EngineStats) -> None:
-        self._og, self._model, self._pad_id = og, model, pad_id
+    def __init__(self, runner: DecoderRunner, prefixes: PrefixCache, *, limits: SchedulerLimits, stats: EngineStats):
+        self.runner = runner
+        self.pool: KvPool = runner.pool
+        self.prefixes = prefixes
         self.limits = limits
         self.stats = stats
         self.waiting: deque[Sequence] = deque()
-        self.cohorts: list[Cohort] = []
+        self.running: list[Sequence] = []  # running[i] owns pool row i
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
         self._cond = threading.Condition()
@@ -230,8 +180,8 @@ class CohortScheduler:
         try:
             while self._next_batch_of_work():
                 self._admit()
-                for cohort in list(self.cohorts):
-                    self._step(cohort)
+                if self.running:
+                    self._decode()
                 self._update_stats()
         except BaseException as exc:  # a bug: fail every request rather than leave clients hanging
             log.exception("ONNX scheduler crashed")
@@ -242,111 +192,111 @@ class CohortScheduler:
     def _next_batch_of_work(self) -> bool:
         """Wait for work; move the inbox and aborts into scheduler state. False once stopping."""
         with self._cond:
-            while not (self._stopping or self._inbox or self._aborts or self.cohorts or self.waiting):
+            while not (self._stopping or self._inbox or self._aborts or self.running or self.waiting):
+                self.pool.release()  # idle: give the KV memory back
                 self._cond.wait()
             if self._stopping:
                 return False
             self.waiting.extend(self._inbox)
             self._inbox.clear()
             aborts, self._aborts = self._aborts, set()
-        for seq in [s for s in self.waiting if s.request_id in aborts]:
-            self.waiting.remove(seq)
-            seq.finish("abort")
-        for cohort in self.cohorts:
-            for seq in cohort.live():
+        if aborts:
+            for seq in [s for s in self.waiting if s.request_id in aborts]:
+                self.waiting.remove(seq)
+                seq.finish("abort")
+            for seq in self.running:
                 if seq.request_id in aborts:
                     seq.finish("abort")
-        self._retire_finished()
+            self._retire_finished()
         return True
 
     def _admit(self) -> None:
-        """Start a cohort for waiting requests now, absorbing small running cohorts whose re-prefill is cheap."""
-        if not self.waiting:
-            return
-        absorbed = self._cheap_cohorts()
-        kept = [c for c in self.cohorts if c not in absorbed]
-        seqs = [s for c in absorbed for s in c.live()]
-        rows_left = self.limits.max_batch_size - sum(c.size for c in kept)
-        kv_left = self.limits.kv_budget_bytes - sum(self._kv_bytes(c.size, c.max_length) for c in kept)
-        admitted = 0
-        while self.waiting and len(seqs) < rows_left:
-            # Over the KV budget only a lone request may start (so one long request can always run).
-            if (seqs or kept) and self._kv_bytes_for([*seqs, self.waiting[0]]) > kv_left:
-                break
-            seqs.append(self.waiting.popleft())
-            admitted += 1
-        if admitted:
-            self._replace(absorbed, seqs)
+        """Prefill waiting requests into free rows, within the slot, KV and per-step prefill budgets."""
+        budget = self.limits.prefill_tokens
+        while self.waiting and len(self.running) < self.limits.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            rows = len(self.running) + 1
+            tokens = max(s.tokens_needed for s in [*self.running, seq])
+            if self.running and self.pool.bytes_for(rows, tokens) > self.limits.kv_budget_bytes:
+                break  # wait for memory; a lone request always starts
+            self.waiting.popleft()
+            budget -= self._prefill(seq, tokens)
 
-    def _cheap_cohorts(self) -> list[Cohort]:
-        picked: list[Cohort] = []
-        budget = self.limits.merge_tokens
-        for cohort in sorted(self.cohorts, key=Cohort.rebuild_cost):
-            cost = cohort.rebuild_cost()
-            if cost > budget:
-                break
-            picked.append(cohort)
-            budget -= cost
-        return picked
-
-    def _step(self, cohort: Cohort) -> None:
+    def _prefill(self, seq: Sequence, tokens: int) -> int:
+        """Prefill `seq` into the next row and take its first token; returns the prompt tokens computed."""
+        row = len(self.running)
+        self.pool.ensure(row + 1, tokens, keep=(row, max((s.cached for s in self.running), default=0)))
+        prompt = seq.prompt_ids
+        kv, reused = self.prefixes.lookup(prompt)
         try:
-            cohort.step()
-        except Exception as exc:
-            log.exception("ONNX generator step failed")
-            for seq in cohort.live():
-                seq.fail(exc)
-        self.stats.record_step(cohort.size)
-        live = cohort.live()
-        if not live:
-            self.cohorts.remove(cohort)
-        elif len(live) * 2 <= cohort.size and cohort.rebuild_cost() <= self.limits.merge_tokens:
-            self._replace([cohort], live)  # compaction: stop paying for finished rows
-
-    def _replace(self, old: list[Cohort], seqs: list[Sequence]) -> None:
-        for cohort in old:
-            self.cohorts.remove(cohort)
-        log.debug(
-            "new cohort: %d rows (%d from %d merged cohorts), %d tokens to prefill",
-            len(seqs),
-            sum(len(c.live()) for c in old),
-            len(old),
-            sum(len(s.input_ids()) for s in seqs),
-        )
-        try:
-            self.cohorts.append(Cohort(self._og, self._model, seqs, self._pad_id, self.limits.context_length))
+            if reused:
+                self.pool.write(row, kv, reused)
+            logits = self.runner.forward(
+                slice(row, row + 1), prompt[None, reused:], np.ones((1, len(prompt)), dtype=np.int64)
+            )
         except Exception as exc:
             log.exception("ONNX prefill failed")
+            seq.fail(exc)
+            return len(prompt) - reused
+        seq.cached = len(prompt)
+        self.prefixes.store(prompt, lambda n: self.pool.read(row, n))
+        self.running.append(seq)
+        self.stats.record_step(1)
+        seq.accept(choose_tokens(logits, [seq])[0])
+        if seq.finished:
+            self._retire_finished()
+        return len(prompt) - reused
+
+    def _decode(self) -> None:
+        """One step for every running sequence."""
+        seqs = self.running
+        cached = np.fromiter((s.cached for s in seqs), dtype=np.int64, count=len(seqs))
+        # Row i has cached[i] tokens plus this one: that many ones (GroupQueryAttention reads the sum).
+        mask = (np.arange(int(cached.max()) + 1)[None, :] <= cached[:, None]).astype(np.int64)
+        last = np.fromiter((s.generated[-1] for s in seqs), dtype=np.int64, count=len(seqs))[:, None]
+        try:
+            logits = self.runner.forward(slice(0, len(seqs)), last, mask)
+        except Exception as exc:
+            log.exception("ONNX decode step failed")
             for seq in seqs:
                 seq.fail(exc)
-
-    def _kv_bytes(self, rows: int, max_length: int) -> int:
-        return rows * max_length * self.limits.kv_bytes_per_token
-
-    def _kv_bytes_for(self, seqs: list[Sequence]) -> int:
-        width = max(len(s.prompt_ids) + len(s.generated) for s in seqs)
-        remaining = max(s.max_new_tokens - len(s.generated) for s in seqs)
-        return self._kv_bytes(len(seqs), min(width + remaining, self.limits.context_length))
+            self._retire_finished()
+            return
+        self.stats.record_step(len(seqs))
+        for seq, token in zip(seqs, choose_tokens(logits, seqs), strict=True):
+            seq.cached += 1
+            seq.accept(token)
+        self._retire_finished()
 
     def _retire_finished(self) -> None:
-        self.cohorts = [c for c in self.cohorts if c.live()]
+        """Drop finished sequences, moving the last running rows into their places (rows stay contiguous)."""
+        i = 0
+        while i < len(self.running):
+            if not self.running[i].finished:
+                i += 1
+                continue
+            last = self.running.pop()
+            if i < len(self.running):
+                self.pool.move(len(self.running), i, last.cached)
+                self.running[i] = last
 
     def _update_stats(self) -> None:
         """Recount from the scheduler's state (a finishing sequence calls this before its last chunk goes out)."""
-        self.stats.running = sum(len(c.live()) for c in self.cohorts)
+        self.stats.running = sum(1 for s in self.running if not s.finished)
         self.stats.waiting = len(self.waiting) + len(self._inbox)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for seq in [*self.waiting, *(s for c in self.cohorts for s in c.live())]:
+        for seq in [*self.waiting, *self.running]:
             seq.fail(exc)
 
     def _abort_all(self) -> None:
         with self._cond:
             self._stopping = True
-            pending = [*self._inbox, *self.waiting, *(s for c in self.cohorts for s in c.live())]
+            pending = [*self._inbox, *self.waiting, *self.running]
             self._inbox.clear()
         for seq in pending:
             seq.finish("abort")
         self.waiting.clear()
-        self.cohorts.clear()
+        self.running.clear()
+        self.pool.release()
         self._update_stats()

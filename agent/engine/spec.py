@@ -21,6 +21,8 @@ class EngineSpec:
     image_max_pixels: int = 1024 * 1024
     vllm_enforce_eager: bool = True
     vllm_max_model_len: int = 4096
+    onnx_kv_cache_mb: int = 2048
+    onnx_prefix_cache_mb: int = 256
     cache_dir: Path = Path.home() / ".cache" / "newbie-app"
 
     def with_(self, **changes: object) -> EngineSpec:

@@ -112,6 +112,8 @@ def engine_spec(settings: Settings, *, resolved: ResolvedModel) -> EngineSpec:
         image_max_pixels=settings.image_max_pixels,
         vllm_enforce_eager=settings.vllm_enforce_eager,
         vllm_max_model_len=max_len,
+        onnx_kv_cache_mb=settings.onnx_kv_cache_mb,
+        onnx_prefix_cache_mb=settings.onnx_prefix_cache_mb,
         cache_dir=settings.model_cache_dir,
     )
 

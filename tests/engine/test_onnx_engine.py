@@ -1,4 +1,5 @@
-"""ONNX Runtime GenAI engine: build cache, sampling/stop helpers, and the cohort scheduler on the real int4 SmolLM2.
+"""ONNX Runtime GenAI engine: build cache, sampling helpers, and the continuous-batching scheduler with its prefix
+cache on the real int4 SmolLM2.
 
 The engine contract (stream shape, abort, stop strings, ...) is covered by test_contract.py with the "onnx" kind;
 these tests cover what is specific to this engine.
@@ -144,7 +145,8 @@ async def test_failed_build_is_a_load_error_and_leaves_no_cache(tmp_path: Path) 
 
 @pytest.mark.slow
 async def test_batched_greedy_equals_alone(int4_engine) -> None:
-    """Right-padded prompts of different lengths in one cohort give the same greedy text as each one alone."""
+    """Prompts of different lengths decoded in one batch (rows at different lengths) give the same greedy text as
+    each one alone."""
     prompts = ["Hi", "What is a binary tree? Answer in one sentence.", "Name a sorting algorithm."]
     alone = [(await int4_engine.complete(ask(p, max_new_tokens=20))).text for p in prompts]
     together = await asyncio.gather(*(int4_engine.complete(ask(p, max_new_tokens=20)) for p in prompts))
@@ -200,7 +202,7 @@ async def test_concurrent_arrivals_share_one_forward_batch(int4_engine) -> None:
     requests = [ask(f"What is {n} times {n}?", max_new_tokens=6, ignore_eos=True) for n in range(12)]
     results = await asyncio.gather(*(int4_engine.complete(r) for r in requests))
     assert all(r.completion_tokens == 6 for r in results)
-    assert int4_engine.stats.max_batch_seen >= 6  # arrivals a few ms apart were merged into one cohort
+    assert int4_engine.stats.max_batch_seen >= 6  # arrivals a few ms apart decode together
 
 
 @pytest.mark.slow
@@ -227,3 +229,46 @@ async def test_vision_folder_is_refused(tiny_vl_folder: Path, tmp_path: Path) ->
     with pytest.raises(ModelLoadError, match="vision-language"):
         await engine.start()
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.slow
+async def test_prefix_cache_reuses_a_shared_prompt_start_without_changing_the_answer(int4_engine) -> None:
+    system = Message.text("system", "You are a patient tutor of data structures. " * 6)
+
+    def tutor(question: str) -> GenerationRequest:
+        messages = (system, Message.text("user", question))
+        return GenerationRequest(messages=messages, sampling=SamplingParams(temperature=0.0, max_new_tokens=12))
+
+    prefixes = int4_engine._loaded.scheduler.prefixes
+    hits, reused = prefixes.hits, prefixes.hit_tokens
+    cold = await int4_engine.complete(tutor("What is a heap?"))  # may itself hit an earlier test's blocks
+    warm = await int4_engine.complete(tutor("What is a heap?"))
+    other = await int4_engine.complete(tutor("What is a trie?"))
+    assert prefixes.hits >= hits + 2
+    assert prefixes.hit_tokens - reused >= 2 * 48  # the system prompt (~60 tokens) was not computed again
+    assert warm.text == cold.text and other.text != warm.text
+
+
+@pytest.mark.slow
+async def test_full_kv_budget_makes_requests_wait_not_fail(smollm_folder: Path, model_cache_dir: Path) -> None:
+    from agent.engine.onnx_engine import OnnxEngine
+
+    # 16 MiB holds two rows of 128 positions (46 KB per position): the others wait for a row to free up.
+    spec = EngineSpec(
+        folder=smollm_folder,
+        name="SmolLM2-135M-Instruct",
+        quantization=Quantization.int4,
+        cache_dir=model_cache_dir,
+        onnx_kv_cache_mb=16,
+        onnx_prefix_cache_mb=0,
+    )
+    engine = OnnxEngine(spec)
+    await engine.start()
+    try:
+        requests = [ask(f"Name {n} colors.", max_new_tokens=30, ignore_eos=True) for n in range(5)]
+        results = await asyncio.gather(*(engine.complete(r) for r in requests))
+        assert [r.completion_tokens for r in results] == [30] * 5
+        assert engine.stats.max_batch_seen == 2
+        assert len(engine._loaded.scheduler.prefixes) == 0
+    finally:
+        await engine.shutdown()
