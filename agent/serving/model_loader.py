@@ -5,7 +5,7 @@ Strategy rules for LOADING_STRATEGY=auto (measured on CPU, see docs/engines.md; 
 | device | model  | QUANTIZATION_TYPE | engine       | why |
 |--------|--------|-------------------|--------------|-----|
 | cpu    | text   | none, awq, gptq   | vllm         | 2-4x transformers' speed at 1-8 concurrent requests |
-| cpu    | text   | int4, int8        | onnx         | quantized ONNX build: ~4x vLLM single-stream (docs/onnx.md) |
+| cpu    | text   | int4, int8        | onnx         | 3.2x vLLM at 1 (int4), 1.8x at 32 (int8): docs/onnx.md |
 | cpu    | vision | any               | transformers | vLLM on CPU needs torchvision for vision models |
 | cuda   | any    | none, awq, gptq   | vllm         | continuous batching with paged attention |
 | cuda   | any    | int4              | vllm if the installed vLLM has bitsandbytes (0.32 has not), else transformers |
