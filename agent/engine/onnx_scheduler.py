@@ -11,7 +11,8 @@ So the engine keeps onnxruntime-genai for what it does well, building the model,
 - a waiting request joins at the next step: its prompt is prefilled into a free row (copying the longest cached
   prefix first, so only the rest is computed), it streams its first token, and it decodes with the others from the
   next step on. Prefills run one row at a time (GroupQueryAttention's limit with a cache behind the new tokens);
-  at most `prefill_tokens` prompt tokens are prefilled between two decode steps, so running streams keep flowing;
+  at most `prefill_tokens` prompt tokens are prefilled between two decode steps, a long prompt in chunks over
+  several steps, so running streams keep flowing;
 - a finished or aborted sequence leaves at once: the last row moves into its place;
 - tokens are chosen per row in numpy (agent.engine.onnx_sampling): requests with different sampling settings share
   a step, and a seeded request draws from its own random stream.
@@ -39,6 +40,7 @@ from agent.engine.types import EngineStats, FinishReason, GenerationChunk, Sampl
 log = logging.getLogger(__name__)
 
 Sink = Callable[[GenerationChunk | BaseException], None]
+_MIN_CHUNK = 32  # a new prefill starts only with at least this much of the step's prefill budget left
 
 
 @dataclass(eq=False)
@@ -140,6 +142,7 @@ class OnnxScheduler:
         self.stats = stats
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] owns pool row i
+        self.prefilling: Sequence | None = None  # a prompt being prefilled in chunks, in row len(running)
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
         self._cond = threading.Condition()
@@ -192,7 +195,7 @@ class OnnxScheduler:
     def _next_batch_of_work(self) -> bool:
         """Wait for work; move the inbox and aborts into scheduler state. False once stopping."""
         with self._cond:
-            while not (self._stopping or self._inbox or self._aborts or self.running or self.waiting):
+            while not (self._stopping or self._inbox or self._aborts or self._pending()):
                 self.pool.release()  # idle: give the KV memory back
                 self._cond.wait()
             if self._stopping:
@@ -207,45 +210,68 @@ class OnnxScheduler:
             for seq in self.running:
                 if seq.request_id in aborts:
                     seq.finish("abort")
+            if self.prefilling is not None and self.prefilling.request_id in aborts:
+                self.prefilling.finish("abort")
+                self.prefilling = None  # its row is the last one: nothing to move
             self._retire_finished()
         return True
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, within the slot, KV and per-step prefill budgets."""
-        budget = self.limits.prefill_tokens
-        while self.waiting and len(self.running) < self.limits.max_batch_size and budget > 0:
-            seq = self.waiting[0]
-            rows = len(self.running) + 1
-            tokens = max(s.tokens_needed for s in [*self.running, seq])
-            if self.running and self.pool.bytes_for(rows, tokens) > self.limits.kv_budget_bytes:
-                break  # wait for memory; a lone request always starts
-            self.waiting.popleft()
-            budget -= self._prefill(seq, tokens)
+        """Prefill waiting requests into the row after the running ones, within the slot, KV and per-step prefill
+        budgets. A prompt longer than the budget is prefilled a chunk per step (`self.prefilling`, one at a time),
+        so the running streams keep getting tokens while it fills."""
+        budget = budget_limit = self.limits.prefill_tokens
+        while budget > 0:
+            if self.prefilling is None and (budget < min(_MIN_CHUNK, budget_limit) or not self._start_next()):
+                return
+            budget -= self._prefill_chunk(budget)
 
-    def _prefill(self, seq: Sequence, tokens: int) -> int:
-        """Prefill `seq` into the next row and take its first token; returns the prompt tokens computed."""
+    def _start_next(self) -> bool:
+        """Give the next waiting request a row (and its cached prefix); False when none can start now."""
+        if not self.waiting or len(self.running) >= self.limits.max_batch_size:
+            return False
+        seq = self.waiting[0]
+        tokens = max(s.tokens_needed for s in [*self.running, seq])
+        if self.running and self.pool.bytes_for(len(self.running) + 1, tokens) > self.limits.kv_budget_bytes:
+            return False  # wait for memory; a lone request always starts
+        self.waiting.popleft()
         row = len(self.running)
         self.pool.ensure(row + 1, tokens, keep=(row, max((s.cached for s in self.running), default=0)))
+        kv, reused = self.prefixes.lookup(seq.prompt_ids)
+        if reused:
+            self.pool.write(row, kv, reused)
+        seq.cached = reused
+        self.prefilling = seq
+        return True
+
+    def _prefill_chunk(self, budget: int) -> int:
+        """Run up to `budget` more prompt tokens of `self.prefilling`; at its end, it joins the running batch with
+        its first token. Returns the tokens computed."""
+        seq, row = self.prefilling, len(self.running)
+        assert seq is not None
         prompt = seq.prompt_ids
-        kv, reused = self.prefixes.lookup(prompt)
+        end = min(len(prompt), seq.cached + budget)
+        done = end - seq.cached
         try:
-            if reused:
-                self.pool.write(row, kv, reused)
             logits = self.runner.forward(
-                slice(row, row + 1), prompt[None, reused:], np.ones((1, len(prompt)), dtype=np.int64)
+                slice(row, row + 1), prompt[None, seq.cached : end], np.ones((1, end), dtype=np.int64)
             )
         except Exception as exc:
             log.exception("ONNX prefill failed")
+            self.prefilling = None
             seq.fail(exc)
-            return len(prompt) - reused
-        seq.cached = len(prompt)
+            return done
+        seq.cached = end
+        self.stats.record_step(1)
+        if end < len(prompt):
+            return done
+        self.prefilling = None
         self.prefixes.store(prompt, lambda n: self.pool.read(row, n))
         self.running.append(seq)
-        self.stats.record_step(1)
         seq.accept(choose_tokens(logits, [seq])[0])
         if seq.finished:
             self._retire_finished()
-        return len(prompt) - reused
+        return done
 
     def _decode(self) -> None:
         """One step for every running sequence."""
@@ -269,7 +295,9 @@ class OnnxScheduler:
         self._retire_finished()
 
     def _retire_finished(self) -> None:
-        """Drop finished sequences, moving the last running rows into their places (rows stay contiguous)."""
+        """Drop finished sequences, moving the last running rows into their places (rows stay contiguous), and the
+        row being prefilled to just after them."""
+        before = len(self.running)
         i = 0
         while i < len(self.running):
             if not self.running[i].finished:
@@ -279,24 +307,30 @@ class OnnxScheduler:
             if i < len(self.running):
                 self.pool.move(len(self.running), i, last.cached)
                 self.running[i] = last
+        if self.prefilling is not None and len(self.running) < before:
+            self.pool.move(before, len(self.running), self.prefilling.cached)
 
     def _update_stats(self) -> None:
         """Recount from the scheduler's state (a finishing sequence calls this before its last chunk goes out)."""
-        self.stats.running = sum(1 for s in self.running if not s.finished)
+        self.stats.running = sum(1 for s in self.running if not s.finished) + (self.prefilling is not None)
         self.stats.waiting = len(self.waiting) + len(self._inbox)
 
+    def _pending(self) -> list[Sequence]:
+        return [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]
+
     def _fail_all(self, exc: BaseException) -> None:
-        for seq in [*self.waiting, *self.running]:
+        for seq in self._pending():
             seq.fail(exc)
 
     def _abort_all(self) -> None:
         with self._cond:
             self._stopping = True
-            pending = [*self._inbox, *self.waiting, *self.running]
+            pending = [*self._inbox, *self._pending()]
             self._inbox.clear()
         for seq in pending:
             seq.finish("abort")
         self.waiting.clear()
         self.running.clear()
+        self.prefilling = None
         self.pool.release()
         self._update_stats()

@@ -272,3 +272,54 @@ async def test_full_kv_budget_makes_requests_wait_not_fail(smollm_folder: Path, 
         assert len(engine._loaded.scheduler.prefixes) == 0
     finally:
         await engine.shutdown()
+
+
+@pytest.mark.slow
+async def test_staggered_mixed_requests_equal_their_answers_alone(int4_engine) -> None:
+    """Rows joining, leaving (the last row moves into a freed one) and growing the KV pool while others decode must
+    not change any answer: every greedy output equals the same request run alone."""
+    topics = ["a stack", "a queue", "a heap", "a trie", "a graph", "recursion", "hashing", "a binary search tree"]
+    requests = [
+        (f"Explain {topic} in {n + 2} sentences, with an example.", 4 + 7 * n) for n, topic in enumerate(topics)
+    ]
+    alone = [(await int4_engine.complete(ask(q, max_new_tokens=m, ignore_eos=True))).text for q, m in requests]
+
+    async def later(delay: float, question: str, max_new: int) -> str:
+        await asyncio.sleep(delay)
+        return (await int4_engine.complete(ask(question, max_new_tokens=max_new, ignore_eos=True))).text
+
+    together = await asyncio.gather(*(later(0.03 * (i % 4), q, m) for i, (q, m) in enumerate(requests)))
+    assert together == alone
+
+
+@pytest.mark.slow
+async def test_long_prompt_is_prefilled_in_chunks_while_others_stream(smollm_folder: Path, model_cache_dir: Path):
+    from agent.engine.onnx_engine import OnnxEngine
+
+    spec = EngineSpec(
+        folder=smollm_folder,
+        name="SmolLM2-135M-Instruct",
+        quantization=Quantization.int4,
+        cache_dir=model_cache_dir,
+        onnx_prefix_cache_mb=0,
+    )
+    engine = OnnxEngine(spec, prefill_tokens=64)
+    await engine.start()
+    try:
+        long_question = "Here are my notes on sorting. " * 60 + "Summarize them."
+        long_alone = (await engine.complete(ask(long_question, max_new_tokens=8))).text
+        chunk_steps = engine.stats.steps  # one step per 64-token chunk, plus the decode steps
+        assert chunk_steps >= 6
+
+        short = engine.generate(ask("Count to one hundred.", max_new_tokens=200, ignore_eos=True))
+        await anext(short)
+        long_task = asyncio.create_task(engine.complete(ask(long_question, max_new_tokens=8)))
+        tokens_meanwhile = 0
+        while not long_task.done():
+            await anext(short)
+            tokens_meanwhile += 1
+        assert tokens_meanwhile >= 4, "the running stream stalled while the long prompt was prefilled"
+        assert (await long_task).text == long_alone
+        await short.aclose()
+    finally:
+        await engine.shutdown()
