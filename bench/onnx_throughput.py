@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -74,19 +75,34 @@ async def engine_run(engine: OnnxEngine, concurrency: int, tokens: int, rounds: 
     return generated / (time.perf_counter() - started), ttfts
 
 
+@functools.cache
+def _og_model(path: str, threads: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(path)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og, og.Model(config)
+
+
 def static_run(engine: OnnxEngine, batch: int, tokens: int) -> float:
-    """tok/s of one og.Generator over `batch` prompts (no scheduler), on the engine's loaded model."""
-    loaded = engine._loaded  # the bench reads the engine's model on purpose: same weights, same threads
+    """tok/s of one og.Generator over `batch` prompts (no scheduler) on the engine's built model, same threads."""
+    loaded = engine._loaded
     assert loaded is not None
     from agent.engine.prompt import render_prompt
 
-    prompts = [render_prompt(loaded.hf_tokenizer, _request(i, tokens).messages, vision=False) for i in range(batch)]
-    ids = loaded.tokenizer.encode_batch(prompts).as_numpy().astype(np.int32)
-    params = loaded.og.GeneratorParams(loaded.model)
+    og, model = _og_model(str(loaded.onnx_path), engine.threads)
+    rows = [
+        loaded.tokenizer.encode(render_prompt(loaded.tokenizer, _request(i, tokens).messages, vision=False))
+        for i in range(batch)
+    ]
+    ids = np.full((batch, max(map(len, rows))), loaded.tokenizer.pad_token_id or 0, dtype=np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    params = og.GeneratorParams(model)
     length = ids.shape[1] + tokens
     params.set_search_options(do_sample=False, batch_size=batch, max_length=length, min_length=length)
     started = time.perf_counter()
-    generator = loaded.og.Generator(loaded.model, params)
+    generator = og.Generator(model, params)
     generator.append_tokens(ids)
     steps = 0
     while not generator.is_done():
