@@ -99,18 +99,16 @@ async def test_cuda_device_is_refused(tmp_path: Path) -> None:
 # --- the real int4 model ---------------------------------------------------------------------------------------------
 
 
+def int4_spec(folder: Path, cache_dir: Path, **changes: object) -> EngineSpec:
+    spec = EngineSpec(folder=folder, name="SmolLM2-135M-Instruct", quantization=Quantization.int4, cache_dir=cache_dir)
+    return spec.with_(**changes)
+
+
 @pytest.fixture(scope="module")
 async def int4_engine(smollm_folder: Path, model_cache_dir: Path):
     from agent.engine.onnx_engine import OnnxEngine
 
-    spec = EngineSpec(
-        folder=smollm_folder,
-        name="SmolLM2-135M-Instruct",
-        quantization=Quantization.int4,
-        max_batch_size=16,
-        cache_dir=model_cache_dir,
-    )
-    engine = OnnxEngine(spec)
+    engine = OnnxEngine(int4_spec(smollm_folder, model_cache_dir, max_batch_size=16))
     await engine.start()
     yield engine
     await engine.shutdown()
@@ -254,15 +252,7 @@ async def test_full_kv_budget_makes_requests_wait_not_fail(smollm_folder: Path, 
     from agent.engine.onnx_engine import OnnxEngine
 
     # 16 MiB holds two rows of 128 positions (46 KB per position): the others wait for a row to free up.
-    spec = EngineSpec(
-        folder=smollm_folder,
-        name="SmolLM2-135M-Instruct",
-        quantization=Quantization.int4,
-        cache_dir=model_cache_dir,
-        onnx_kv_cache_mb=16,
-        onnx_prefix_cache_mb=0,
-    )
-    engine = OnnxEngine(spec)
+    engine = OnnxEngine(int4_spec(smollm_folder, model_cache_dir, onnx_kv_cache_mb=16, onnx_prefix_cache_mb=0))
     await engine.start()
     try:
         requests = [ask(f"Name {n} colors.", max_new_tokens=30, ignore_eos=True) for n in range(5)]
@@ -296,14 +286,7 @@ async def test_staggered_mixed_requests_equal_their_answers_alone(int4_engine) -
 async def test_long_prompt_is_prefilled_in_chunks_while_others_stream(smollm_folder: Path, model_cache_dir: Path):
     from agent.engine.onnx_engine import OnnxEngine
 
-    spec = EngineSpec(
-        folder=smollm_folder,
-        name="SmolLM2-135M-Instruct",
-        quantization=Quantization.int4,
-        cache_dir=model_cache_dir,
-        onnx_prefix_cache_mb=0,
-    )
-    engine = OnnxEngine(spec, prefill_tokens=64)
+    engine = OnnxEngine(int4_spec(smollm_folder, model_cache_dir, onnx_prefix_cache_mb=0), prefill_tokens=64)
     await engine.start()
     try:
         long_question = "Here are my notes on sorting. " * 60 + "Summarize them."
