@@ -28,6 +28,7 @@ ALL_TARGETS = [
     "triton",
     "onnx",
     "onnx_int8",
+    "onnx_fp32",
     "transformers_batched",
     "transformers_unbatched",
     "images",
@@ -100,7 +101,7 @@ def run_targets(args: argparse.Namespace, folder: Path, name: str, logs: Path) -
         if key in args.targets:
             log.info("transformers engine in-process, batching %s", "on" if batched else "off (the seed's design)")
             figures[key] = asyncio.run(_transformers_sweep(folder, name, batched, args))
-    for key, quantization in (("onnx", "int4"), ("onnx_int8", "int8")):
+    for key, quantization in (("onnx", "int4"), ("onnx_int8", "int8"), ("onnx_fp32", "none")):
         if key in args.targets:
             log.info("ONNX Runtime GenAI engine in-process (%s)", quantization)
             figures[key] = asyncio.run(_onnx_sweep(folder, name, quantization, args))
@@ -133,7 +134,7 @@ async def _transformers_sweep(folder: Path, name: str, batched: bool, args: argp
 
 async def _onnx_sweep(folder: Path, name: str, quantization: str, args: argparse.Namespace) -> list[dict]:
     """The ONNX Runtime GenAI engine alone, in-process: int4 (what `auto` serves for the seed's default
-    QUANTIZATION_TYPE=int4 on CPU) or int8."""
+    QUANTIZATION_TYPE=int4 on CPU), int8, or fp32 (QUANTIZATION_TYPE=none)."""
     from agent.config import Quantization
     from agent.engine.onnx_engine import OnnxEngine
     from agent.engine.spec import EngineSpec

@@ -22,6 +22,7 @@ LABELS = {
     "transformers_unbatched": "transformers engine, batching off",
     "onnx": "ONNX Runtime GenAI engine (int4)",
     "onnx_int8": "ONNX Runtime GenAI engine (int8)",
+    "onnx_fp32": "ONNX Runtime GenAI engine (fp32)",
 }
 
 
@@ -90,9 +91,11 @@ def assemble(machine: MachineFloor, params: int, figures: dict, images: list[dic
             f"onnx_vs_vllm_at_{top}": _ratio(figures, "onnx", "vllm_serve", top),
             "onnx_int8_vs_vllm_at_1": _ratio(figures, "onnx_int8", "vllm_serve", 1),
             f"onnx_int8_vs_vllm_at_{top}": _ratio(figures, "onnx_int8", "vllm_serve", top),
+            "onnx_fp32_vs_vllm_at_1": _ratio(figures, "onnx_fp32", "vllm_serve", 1),
+            f"onnx_fp32_vs_vllm_at_{top}": _ratio(figures, "onnx_fp32", "vllm_serve", top),
             f"ttft_p50_vs_vllm_at_{top}": {
                 t: _ratio(figures, t, "vllm_serve", top, "ttft_p50_ms")
-                for t in ("onnx", "onnx_int8")
+                for t in ("onnx", "onnx_int8", "onnx_fp32")
                 if t in figures and "vllm_serve" in figures
             },
             "ttft_overhead_ms_at_1": ttft,
