@@ -15,6 +15,7 @@ columns are this run's tokens because onnxruntime-genai passes a mask of past + 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 PRUNE_GATHER = "/lm_head/prune/Gather"
 
@@ -60,10 +61,19 @@ def gather_last_real_token(model_file: Path) -> None:
     for offset, node in enumerate(nodes):
         graph.node.insert(index + offset, node)
     if not any(old_index in node.input for node in graph.node):  # the constant -1 is left unused: drop it
-        for i, init in enumerate(graph.initializer):
-            if init.name == old_index:
-                del graph.initializer[i]
-                break
+        _drop_producer(graph, old_index)
     tmp = model_file.with_suffix(".edited")
     onnx.save(model, str(tmp))
     tmp.replace(model_file)
+
+
+def _drop_producer(graph: Any, name: str) -> None:
+    """Remove the initializer or Constant node that defines `name` (onnxruntime warns about unused ones)."""
+    for i, init in enumerate(graph.initializer):
+        if init.name == name:
+            del graph.initializer[i]
+            return
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Constant" and name in node.output:
+            del graph.node[i]
+            return

@@ -241,6 +241,7 @@ class OnnxScheduler:
         if reused:
             self.pool.write(row, kv, reused)
         seq.cached = reused
+        self.stats.prefix_cached_tokens += reused
         self.prefilling = seq
         return True
 

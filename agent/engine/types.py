@@ -121,6 +121,7 @@ class EngineStats:
     steps: int = 0
     max_batch_seen: int = 0
     batch_size_sum: int = 0
+    prefix_cached_tokens: int = 0  # prompt tokens taken from a prefix cache instead of computed (ONNX engine)
 
     def record_step(self, batch_size: int) -> None:
         self.steps += 1

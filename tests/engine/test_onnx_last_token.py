@@ -15,8 +15,9 @@ from agent.engine.onnx_last_token import PRUNE_GATHER, GraphEditError, gather_la
 H = 4
 
 
-def _toy_model(path: Path, *, with_prune: bool = True) -> Path:
-    """hidden [B, S, H] -> builder's Gather(-1, axis=1) + Unsqueeze -> "logits" [B, 1, H]."""
+def _toy_model(path: Path, *, with_prune: bool = True, constant_node: bool = False) -> Path:
+    """hidden [B, S, H] -> builder's Gather(-1, axis=1) + Unsqueeze -> "logits" [B, 1, H]; the -1 is an initializer,
+    or a Constant node as the builder writes it."""
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
@@ -29,7 +30,14 @@ def _toy_model(path: Path, *, with_prune: bool = True) -> Path:
     )
     unsqueeze = helper.make_node("Unsqueeze", ["g", one.name], ["logits"], name="/lm_head/prune/Unsqueeze")
     output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 1, H])
-    graph = helper.make_graph([gather, unsqueeze], "toy", inputs, [output], initializer=[minus_one, one])
+    nodes, initializers = [gather, unsqueeze], [minus_one, one]
+    if constant_node:
+        nodes.insert(
+            0,
+            helper.make_node("Constant", [], [minus_one.name], name="/model/constant_nodes/INT64/-1", value=minus_one),
+        )
+        initializers = [one]
+    graph = helper.make_graph(nodes, "toy", inputs, [output], initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     onnx.save(model, str(path))
@@ -58,9 +66,14 @@ def test_builder_gather_reads_the_pad_of_shorter_rows(tmp_path: Path) -> None:
         _run(_toy_model(tmp_path / "m.onnx"), [5, 2, 3], width=5)
 
 
-def test_each_row_reads_its_last_real_token(tmp_path: Path) -> None:
-    path = _toy_model(tmp_path / "m.onnx")
+@pytest.mark.parametrize("constant_node", [False, True])
+def test_each_row_reads_its_last_real_token(tmp_path: Path, constant_node: bool) -> None:
+    path = _toy_model(tmp_path / "m.onnx", constant_node=constant_node)
     gather_last_real_token(path)
+    graph = onnx.load(str(path)).graph
+    assert "/model/constants/INT64/-1" not in {i.name for i in graph.initializer} | {
+        o for n in graph.node for o in n.output
+    }
     _run(path, [5, 2, 3, 1], width=5)  # prefill, right-padded
     _run(path, [1, 1, 1], width=1, past=7)  # decode step
     _run(path, [3, 1], width=3, past=4)  # a later chunk with a cache behind it

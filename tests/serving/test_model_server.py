@@ -341,6 +341,36 @@ async def test_metrics(tmp_path: Path) -> None:
         assert count > ones  # the 4 concurrent requests shared steps (batch size > 1)
 
 
+@pytest.mark.slow
+async def test_prefix_cache_metric_counts_a_conversations_reused_history(tmp_path: Path, smollm_folder: Path) -> None:
+    """The ONNX engine (real int4 SmolLM2): the second turn of a conversation starts with the first turn, so the
+    prefix cache serves those tokens, and /metrics counts them."""
+    from agent.config import Quantization
+    from agent.engine.onnx_engine import OnnxEngine
+    from agent.engine.spec import EngineSpec
+
+    engine = OnnxEngine(
+        EngineSpec(
+            folder=smollm_folder,
+            name="SmolLM2-135M-Instruct",
+            quantization=Quantization.int4,
+            cache_dir=load_settings().model_cache_dir,
+        )
+    )
+    try:
+        async with client_for(tmp_path, engine) as client:
+            for question in ("What is a stack?", "And a queue?"):
+                body = {"message": question, "max_new_tokens": 8}
+                assert (await client.post("/chat", json=body)).status_code == 200
+            text = (await client.get("/metrics")).text
+        assert "# HELP dsa_prefix_cached_tokens_total " in text
+        sample = "dsa_prefix_cached_tokens_total "
+        cached = [float(line.split()[1]) for line in text.splitlines() if line.startswith(sample)]
+        assert cached and cached[0] >= 16
+    finally:
+        await engine.shutdown()
+
+
 @pytest.mark.skipif(not (WEB_UI_DIR / "index.html").is_file(), reason="web UI not present")
 async def test_web_ui_is_served_without_shadowing_the_api(tmp_path: Path) -> None:
     async with client_for(tmp_path) as client:

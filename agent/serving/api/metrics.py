@@ -44,6 +44,9 @@ class Metrics:
         )
         self.generated = Counter("dsa_generated_tokens", "Tokens generated", registry=r)
         self.prompt = Counter("dsa_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prefix_cached = Counter(
+            "dsa_prefix_cached_tokens", "Prompt tokens reused from the engine's prefix cache, not computed", registry=r
+        )
         self.running = Gauge("dsa_running_requests", "Requests generating now", registry=r)
         self.waiting = Gauge("dsa_waiting_requests", "Requests waiting for a generation slot", registry=r)
         self.batch_size = Histogram(
@@ -52,7 +55,7 @@ class Metrics:
         self.queue_seconds = Histogram(
             "dsa_queue_seconds", "Time waiting for a generation slot", registry=r, buckets=_LATENCY_BUCKETS
         )
-        self._seen_steps: dict[int, tuple[int, int]] = {}  # id(stats) -> (steps, batch_size_sum) last seen
+        self._seen_steps: dict[int, tuple[int, int, int]] = {}  # id(stats) -> (steps, batch_size_sum, cached) seen
 
     def bind(self, admission: Admission) -> None:
         """Read the running/waiting gauges from the runner's admission at scrape time."""
@@ -78,17 +81,19 @@ class Metrics:
         self.generated.inc(completion_tokens)
 
     def engine_step(self, stats: EngineStats) -> None:
-        key, steps, total = id(stats), stats.steps, stats.batch_size_sum
+        key, steps, total, cached = id(stats), stats.steps, stats.batch_size_sum, stats.prefix_cached_tokens
         last = self._seen_steps.get(key)
         if last is None:  # first look at this engine: a baseline, not a step
             if len(self._seen_steps) > 8:  # engines come and go with /load_model
                 self._seen_steps.clear()
-            self._seen_steps[key] = (steps, total)
+            self._seen_steps[key] = (steps, total, cached)
             return
         new_steps, new_total = steps - last[0], total - last[1]
         if new_steps <= 0:
             return
-        self._seen_steps[key] = (steps, total)
+        self._seen_steps[key] = (steps, total, cached)
+        if cached > last[2]:
+            self.prefix_cached.inc(cached - last[2])
         mean = max(new_total, 0) / new_steps
         for _ in range(min(new_steps, 10_000)):
             self.batch_size.observe(mean)
