@@ -13,11 +13,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     # The shared engines run on the CPU here and in CI; on a lent GPU machine the same suites run with
     # `--engine-device cuda` (tests/run-on-cuda.sh).
     parser.addoption("--engine-device", default="cpu", choices=("cpu", "cuda"), help="device of the shared engines")
+    # fp32 by default: deterministic greedy output (batched == alone) and no slow bf16 warm-up on CPU.
+    parser.addoption("--engine-dtype", default="float32", choices=("float32", "bfloat16"), help="their dtype")
 
 
 @pytest.fixture(scope="session")
 def engine_device(request: pytest.FixtureRequest) -> str:
     return request.config.getoption("--engine-device")
+
+
+@pytest.fixture(scope="session")
+def engine_dtype(request: pytest.FixtureRequest) -> DType:
+    return DType(request.config.getoption("--engine-dtype"))
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +49,13 @@ def tiny_vl_folder(model_cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm_spec(smollm_folder: Path, engine_device: str):
+def smollm_spec(smollm_folder: Path, engine_device: str, engine_dtype: DType):
     from agent.engine.spec import EngineSpec
 
-    # fp32: deterministic greedy output and no slow bf16 warm-up in tests.
     return EngineSpec(
         folder=smollm_folder,
         name="SmolLM2-135M-Instruct",
-        dtype=DType.float32,
+        dtype=engine_dtype,
         quantization=Quantization.none,
         max_batch_size=16,
         device=engine_device,
@@ -68,7 +74,7 @@ async def smollm_engine(smollm_spec):
 
 
 @pytest.fixture(scope="session")
-async def tiny_vl_engine(tiny_vl_folder: Path, engine_device: str):
+async def tiny_vl_engine(tiny_vl_folder: Path, engine_device: str, engine_dtype: DType):
     """One started transformers engine on the tiny Qwen3-VL for the whole test session."""
     from agent.engine.spec import EngineSpec
     from agent.engine.transformers_engine import TransformersEngine
@@ -76,7 +82,7 @@ async def tiny_vl_engine(tiny_vl_folder: Path, engine_device: str):
     spec = EngineSpec(
         folder=tiny_vl_folder,
         name="tiny-qwen3-vl",
-        dtype=DType.float32,
+        dtype=engine_dtype,
         quantization=Quantization.none,
         max_batch_size=8,
         image_max_pixels=256 * 256,

@@ -35,8 +35,10 @@ def noise(width: int, height: int, seed: int) -> Image.Image:
 
 
 @pytest.mark.slow
-async def test_batched_greedy_equals_alone(smollm_engine) -> None:
+async def test_batched_greedy_equals_alone(smollm_engine, engine_dtype: DType) -> None:
     """Left padding, per-row positions and cache merging must not change what a sequence computes (fp32)."""
+    if engine_dtype is not DType.float32:
+        pytest.skip("bf16 matmuls round differently with the batch's shape (on an H100, one greedy token flipped)")
     prompts = ["Hi", "What is a binary tree? Answer in one sentence.", "Explain quicksort to a child."]
     alone = [(await smollm_engine.complete(ask(p))).text for p in prompts]
     together = await asyncio.gather(*(smollm_engine.complete(ask(p)) for p in prompts))
