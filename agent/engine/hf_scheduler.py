@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +36,7 @@ from agent.engine.hf_batch import BatchState, check_mergeable, mrope_positions, 
 from agent.engine.hf_loading import LoadedModel
 from agent.engine.hf_sampling import sample_tokens
 from agent.engine.hf_sequence import Item, Outbox, Sequence, send_all
+from agent.engine.scheduler_thread import SchedulerThread
 from agent.engine.types import EngineStats
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ MAX_PREFILL_TOKENS = 8192
 RECENT_BATCH_SIZES = 1024
 
 
-class Scheduler:
+class Scheduler(SchedulerThread):
     """Owns the model while running: every forward pass happens on its thread."""
 
     def __init__(
@@ -65,20 +65,15 @@ class Scheduler:
         self.stats = stats
         self.on_step = on_step
         self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=RECENT_BATCH_SIZES)
-        self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._aborted: set[str] = set()
         self._live: set[str] = set()  # ids submitted and not yet finished (abort ignores any other id)
         self._admitted: list[Sequence] = []  # being prefilled (neither waiting nor running)
         self._running: list[Sequence] = []
         self._batch: BatchState | None = None
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="transformers-engine", daemon=True)
+        super().__init__("transformers-engine")
 
     # --- called from the event loop ------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
     def submit(self, seq: Sequence) -> None:
         with self._cond:
             if self._stopping:
@@ -93,18 +88,6 @@ class Scheduler:
             if request_id in self._live:  # a finished (or reused) id must not abort a later request
                 self._aborted.add(request_id)
                 self._cond.notify()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Abort everything and end the thread (blocking)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     # --- the worker thread ---------------------------------------------------------------------------------
     def _run(self) -> None:

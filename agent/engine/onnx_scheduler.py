@@ -22,8 +22,6 @@ The loop runs on its own thread (onnxruntime releases the GIL); results go back 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from agent.engine.detokenize import StopMatcher
 from agent.engine.onnx_kv import KvPool, PrefixCache
 from agent.engine.onnx_runner import DecoderRunner
 from agent.engine.onnx_sampling import choose_token
+from agent.engine.scheduler_thread import SchedulerThread
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ class Sequence:
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    enqueued_at: float = field(default_factory=time.monotonic)
     on_finish: Callable[[], None] | None = None  # runs before the final chunk is sent (keeps stats exact)
     cached: int = 0  # tokens of this sequence in its KV row
 
@@ -131,7 +129,7 @@ class SchedulerLimits:
     prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one prompt)
 
 
-class OnnxScheduler:
+class OnnxScheduler(SchedulerThread):
     """Admits, prefills, decodes and retires sequences on one background thread."""
 
     def __init__(self, runner: DecoderRunner, prefixes: PrefixCache, *, limits: SchedulerLimits, stats: EngineStats):
@@ -145,14 +143,9 @@ class OnnxScheduler:
         self.prefilling: Sequence | None = None  # a prompt being prefilled in chunks, in row len(running)
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="onnx-scheduler", daemon=True)
+        super().__init__("onnx-scheduler")
 
     # --- called from other threads ------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
     def submit(self, seq: Sequence) -> None:
         with self._cond:
             if self._stopping:
@@ -166,17 +159,6 @@ class OnnxScheduler:
         with self._cond:
             self._aborts.add(request_id)
             self._cond.notify()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     # --- the scheduler thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
