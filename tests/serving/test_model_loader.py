@@ -81,6 +81,8 @@ def test_engine_spec_carries_every_setting(tmp_path: Path, no_cuda: None) -> Non
         image_max_pixels=200_000,
         vllm_enforce_eager=False,
         vllm_max_model_len=1024,
+        onnx_kv_cache_mb=64,
+        onnx_prefix_cache_mb=0,
         model_cache_dir=tmp_path / "cache",
     )
     spec = engine_spec(s, resolved=checkpoints.ResolvedModel(folder=folder, name="m", source="folder"))
@@ -96,6 +98,8 @@ def test_engine_spec_carries_every_setting(tmp_path: Path, no_cuda: None) -> Non
         image_max_pixels=200_000,
         vllm_enforce_eager=False,
         vllm_max_model_len=1024,
+        onnx_kv_cache_mb=64,
+        onnx_prefix_cache_mb=0,
         cache_dir=tmp_path / "cache",
     )
 

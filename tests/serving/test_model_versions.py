@@ -148,20 +148,26 @@ def versioned_triton(smollm_folder: Path, tiny_vl_folder: Path, tmp_path_factory
         server.stop()
 
 
-@pytest.fixture
-async def gateway(versioned_triton):
+def gateway_settings(versioned_triton, **extra: object):
+    """Settings of a FastAPI gateway to the versioned Triton server, with the control key."""
     from agent.config import load_settings
-    from agent.engine.triton_gateway import TritonGatewayEngine
     from tests.serving.triton_fixtures import CONTROL_KEY
 
-    settings = load_settings(
+    return load_settings(
         loading_strategy="triton",
         triton_grpc_url=versioned_triton.grpc_url,
         triton_http_url=versioned_triton.http_url,
         triton_metrics_port=versioned_triton.server.cfg.metrics_port,
         api_keys=CONTROL_KEY,
+        **extra,
     )
-    engine = TritonGatewayEngine.from_settings(settings)
+
+
+@pytest.fixture
+async def gateway(versioned_triton):
+    from agent.engine.triton_gateway import TritonGatewayEngine
+
+    engine = TritonGatewayEngine.from_settings(gateway_settings(versioned_triton))
     await engine.start()
     yield engine
     await engine.shutdown()
@@ -347,18 +353,10 @@ def test_fastapi_load_model_in_gateway_mode_adds_a_version(versioned_triton, tmp
     /v1/models list the versions, a checkpoint that cannot load answers 422 and the old version keeps serving."""
     from fastapi.testclient import TestClient
 
-    from agent.config import load_settings
     from agent.serving.model_server import create_app
     from tests.serving.triton_fixtures import CONTROL_KEY
 
-    settings = load_settings(
-        loading_strategy="triton",
-        triton_grpc_url=versioned_triton.grpc_url,
-        triton_http_url=versioned_triton.http_url,
-        triton_metrics_port=versioned_triton.server.cfg.metrics_port,
-        api_keys=CONTROL_KEY,
-        history_db=tmp_path / "history.sqlite3",
-    )
+    settings = gateway_settings(versioned_triton, history_db=tmp_path / "history.sqlite3")
     auth = {"Authorization": f"Bearer {CONTROL_KEY}"}
     with TestClient(create_app(settings)) as client:
         deadline = time.monotonic() + 60

@@ -17,7 +17,7 @@ from PIL import Image
 
 from agent.serving import triton_protocol as proto
 from tests.serving import triton_fixtures
-from tests.serving.triton_fixtures import MODEL, RunningTriton
+from tests.serving.triton_fixtures import MODEL, RunningTriton, grpc_inputs, grpc_stream
 
 triton_smollm = triton_fixtures.triton_smollm  # the session's shared server (see triton_fixtures)
 
@@ -28,22 +28,6 @@ GENERATE = f"/v2/models/{MODEL}/generate"
 
 def sse_events(body: bytes) -> list[dict]:
     return [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
-
-
-def grpc_inputs(**values: object) -> list[grpcclient.InferInput]:
-    out = []
-    for name, value in values.items():
-        array = value if isinstance(value, np.ndarray) else np.array([[value]], dtype=_dtype(name))
-        tensor = grpcclient.InferInput(name, list(array.shape), proto.INPUT_DATATYPES[name])
-        tensor.set_data_from_numpy(array)
-        out.append(tensor)
-    return out
-
-
-def _dtype(name: str) -> type:
-    return {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}[
-        proto.INPUT_DATATYPES[name]
-    ]
 
 
 def test_every_seed_url_answers(triton_smollm: RunningTriton) -> None:
@@ -80,22 +64,9 @@ def test_http_generate_and_generate_stream_answer_and_are_counted(triton_smollm:
 
 
 def test_grpc_streaming_with_tritonclient(triton_smollm: RunningTriton) -> None:
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(triton_smollm.grpc_url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        inputs = grpc_inputs(text_input="Name a sorting algorithm.", max_tokens=6, temperature=0.0, stream=True)
-        client.async_stream_infer(MODEL, inputs, request_id="grpc-1")
-        deltas, reason = [], ""
-        while not reason:
-            result, error = responses.get(timeout=120)
-            assert error is None, error
-            deltas.append(result.as_numpy("text_output")[0][0].decode())
-            reason = result.as_numpy("finish_reason")[0][0].decode()
-        assert len(deltas) > 1 and "".join(deltas).strip() and reason in ("stop", "length")
-    finally:
-        client.stop_stream()
-        client.close()
+    inputs = grpc_inputs(text_input="Name a sorting algorithm.", max_tokens=6, temperature=0.0, stream=True)
+    deltas, reason = grpc_stream(triton_smollm.grpc_url, inputs, request_id="grpc-1")
+    assert len(deltas) > 1 and "".join(deltas).strip() and reason in ("stop", "length")
 
 
 def test_grpc_cancel_mid_stream_frees_the_engine_request(triton_smollm: RunningTriton) -> None:

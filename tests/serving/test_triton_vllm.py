@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
-import queue
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
-from tests.serving.triton_fixtures import MODEL, RunningTriton, acquire, release, smollm_env
+from tests.serving.triton_fixtures import (
+    MODEL,
+    RunningTriton,
+    acquire,
+    grpc_inputs,
+    grpc_stream,
+    release,
+    smollm_env,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.vllm]
 
@@ -42,29 +47,7 @@ def test_vllm_engine_serves_inside_triton(triton_vllm: RunningTriton) -> None:
     answer = json.loads(raw)
     assert status == 200 and answer["text_output"].strip() and answer["completion_tokens"] > 0, raw
 
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(triton_vllm.grpc_url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        inputs = []
-        for name, value, dtype, kind in (
-            ("text_input", b"What is a binary tree?", np.object_, "BYTES"),
-            ("max_tokens", 8, np.int32, "INT32"),
-            ("temperature", 0.0, np.float32, "FP32"),
-            ("stream", True, np.bool_, "BOOL"),
-        ):
-            tensor = grpcclient.InferInput(name, [1, 1], kind)
-            tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
-            inputs.append(tensor)
-        client.async_stream_infer(MODEL, inputs)
-        deltas, reason = [], ""
-        while not reason:
-            result, error = responses.get(timeout=120)
-            assert error is None, error
-            deltas.append(result.as_numpy("text_output")[0][0].decode())
-            reason = result.as_numpy("finish_reason")[0][0].decode()
-    finally:
-        client.stop_stream()
-        client.close()
+    inputs = grpc_inputs(text_input="What is a binary tree?", max_tokens=8, temperature=0.0, stream=True)
+    deltas, _ = grpc_stream(triton_vllm.grpc_url, inputs)
     assert "".join(deltas) == answer["text_output"]  # greedy: streamed over gRPC == one-shot over HTTP
     assert triton_vllm.metric("nv_inference_request_success") == 2

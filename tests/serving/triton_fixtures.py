@@ -8,6 +8,7 @@ different folders each get a fixture definition of their own, so the servers are
 from __future__ import annotations
 
 import json
+import queue
 import socket
 import time
 import urllib.request
@@ -15,8 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
+from agent.serving import triton_protocol as proto
 from agent.serving.triton_launcher import TritonConfig, TritonServer
 from agent.serving.triton_metrics import parse_samples
 
@@ -144,3 +148,39 @@ def triton_smollm(smollm_folder: Path, tmp_path_factory: pytest.TempPathFactory)
         yield running
     finally:
         release("smollm")
+
+
+def grpc_inputs(**values: object) -> list[grpcclient.InferInput]:
+    """The model's inputs as tritonclient tensors, typed from agent.serving.triton_protocol ([1, 1] per scalar)."""
+    out = []
+    for name, value in values.items():
+        array = value if isinstance(value, np.ndarray) else np.array([[value]], dtype=_dtype(name))
+        tensor = grpcclient.InferInput(name, list(array.shape), proto.INPUT_DATATYPES[name])
+        tensor.set_data_from_numpy(array)
+        out.append(tensor)
+    return out
+
+
+def _dtype(name: str) -> type:
+    return {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}[
+        proto.INPUT_DATATYPES[name]
+    ]
+
+
+def grpc_stream(grpc_url: str, inputs: list[grpcclient.InferInput], **infer: object) -> tuple[list[str], str]:
+    """One streamed request over gRPC with tritonclient: its text deltas and finish reason (errors fail the test)."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(MODEL, inputs, **infer)
+        deltas, reason = [], ""
+        while not reason:
+            result, error = responses.get(timeout=120)
+            assert error is None, error
+            deltas.append(result.as_numpy("text_output")[0][0].decode())
+            reason = result.as_numpy("finish_reason")[0][0].decode()
+    finally:
+        client.stop_stream()
+        client.close()
+    return deltas, reason
