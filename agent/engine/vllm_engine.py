@@ -360,14 +360,43 @@ class VllmEngine(Engine):
             handler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await handler
+        cores, workers = _engine_processes(llm)  # found now: once the EngineCore is gone, its worker is orphaned
         # Off the loop: it waits for the EngineCore to exit (~8 s on CPU). vLLM's default 5 s is shorter than its
         # worker's exit, and the EngineCore was then SIGKILLed.
         await asyncio.to_thread(llm.shutdown, _SHUTDOWN_TIMEOUT_S)
-        multiprocessing.active_children()  # reap the EngineCore process (no zombie left behind)
+        await asyncio.to_thread(_reap, cores, workers)
         # AsyncLLM.__del__ shuts down again, at interpreter exit if something still holds it, where vLLM's module
         # globals are already gone (a spurious TypeError traceback): it is done, make that a no-op.
         llm.shutdown = lambda timeout=None: None
         log.info("vLLM engine stopped: %s", self.spec.name)
+
+
+def _engine_processes(llm: Any) -> tuple[list[Any], list[Any]]:
+    """vLLM's EngineCore processes (multiprocessing handles) and their children, the CPU workers (psutil)."""
+    import psutil
+
+    resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+    cores = list(getattr(getattr(resources, "engine_manager", None), "processes", None) or [])
+    workers = []
+    for core in cores:
+        with contextlib.suppress(psutil.Error, ValueError):
+            workers += psutil.Process(core.pid).children(recursive=True)
+    return cores, workers
+
+
+def _reap(cores: list[Any], workers: list[Any]) -> None:
+    """After vLLM's shutdown: join the EngineCore processes (no zombie left) and wait for their workers, which can
+    still be exiting when the EngineCore is gone (seen once under load); kill what outlives the timeout."""
+    import psutil
+
+    for core in cores:
+        core.join(_SHUTDOWN_TIMEOUT_S)
+    _, alive = psutil.wait_procs(workers, timeout=_SHUTDOWN_TIMEOUT_S)
+    for worker in alive:
+        log.warning("vLLM worker %d did not exit after shutdown: killing it", worker.pid)
+        with contextlib.suppress(psutil.Error):
+            worker.kill()
+    multiprocessing.active_children()  # reap whatever else multiprocessing started
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from agent.engine.types import GenerationRequest, Message, SamplingParams
 from agent.engine.vllm_engine import (
     DEFAULT_CPU_KV_CACHE_GIB,
     VllmEngine,
+    _engine_processes,
     attention_backend_arg,
     dtype_arg,
     engine_kwargs,
@@ -234,6 +235,8 @@ async def test_bf16_start_and_shutdown_leave_no_process(smollm_spec: EngineSpec,
     try:
         assert engine.info().dtype == "bfloat16"
         assert {p.pid for p in vllm_children()} - before, "no EngineCore process found while running"
+        cores, workers = _engine_processes(engine._llm)  # what shutdown() waits for
+        assert len(cores) == 1 and any(w.name().startswith("VLLM::Worker") for w in workers), (cores, workers)
         result = await engine.complete(ask("What is a queue?", max_new_tokens=4, ignore_eos=True))
         assert result.completion_tokens == 4 and result.text.strip()
     finally:
