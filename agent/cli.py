@@ -8,7 +8,7 @@ import sys
 # name -> (module:function, help). Each function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("agent.serving.model_server:main", "start the FastAPI door (:8000)"),
-    "triton": ("agent.serving.triton_launcher:main", "start the Triton door (:8001 HTTP, :8002 gRPC, :8003 metrics)"),
+    "triton": ("agent.serving.triton.launcher:main", "start the Triton door (:8001 HTTP, :8002 gRPC, :8003 metrics)"),
     "up": ("agent.serving.stack:main", "start Triton and FastAPI (gateway mode) together: what `make run` does"),
     "chat": ("agent.client.chat_cli:main", "interactive terminal chat against either door"),
     "prepare": ("agent.serving.prepare:main", "one-time set-up: convert the embedded model, prepare Triton"),

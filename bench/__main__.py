@@ -114,7 +114,7 @@ async def _transformers_sweep(folder: Path, name: str, batched: bool, args: argp
     Only the lowest and highest levels, one request per client: unbatched, 32 clients already take minutes."""
     from agent.config import DType, Quantization
     from agent.engine.spec import EngineSpec
-    from agent.engine.transformers_engine import TransformersEngine
+    from agent.engine.transformers.engine import TransformersEngine
 
     spec = EngineSpec(
         folder=folder,
@@ -136,7 +136,7 @@ async def _onnx_sweep(folder: Path, name: str, quantization: str, args: argparse
     """The ONNX Runtime GenAI engine alone, in-process: int4 (what `auto` serves for the seed's default
     QUANTIZATION_TYPE=int4 on CPU), int8, or fp32 (QUANTIZATION_TYPE=none)."""
     from agent.config import Quantization
-    from agent.engine.onnx_engine import OnnxEngine
+    from agent.engine.onnx.engine import OnnxEngine
     from agent.engine.spec import EngineSpec
 
     spec = EngineSpec(folder=folder, name=name, quantization=Quantization(quantization), max_batch_size=32)

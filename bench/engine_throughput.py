@@ -23,7 +23,7 @@ import torch
 from agent.config import DType, Quantization, load_settings
 from agent.engine.checkpoints import resolve_model
 from agent.engine.spec import EngineSpec
-from agent.engine.transformers_engine import TransformersEngine
+from agent.engine.transformers.engine import TransformersEngine
 from agent.engine.types import GenerationRequest, Message, SamplingParams
 
 log = logging.getLogger("bench.engine_throughput")

@@ -194,7 +194,7 @@ class TritonGrpcStream:
     that FastAPI uses in gateway mode: tritonclient.grpc.aio, one stream per request)."""
 
     def __init__(self, url: str, model: str, tokens: int) -> None:
-        from agent.engine.triton_gateway import TritonGatewayEngine
+        from agent.serving.triton.gateway import TritonGatewayEngine
 
         self.gateway = TritonGatewayEngine(url, model=model)
         self.inner = InProcessEngine(self.gateway, tokens)

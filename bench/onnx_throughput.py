@@ -28,7 +28,7 @@ import numpy as np
 
 from agent.config import Quantization, load_settings
 from agent.engine.checkpoints import resolve_model
-from agent.engine.onnx_engine import OnnxEngine
+from agent.engine.onnx.engine import OnnxEngine
 from agent.engine.spec import EngineSpec
 from agent.engine.types import GenerationRequest, Message, SamplingParams
 

@@ -185,7 +185,7 @@ async def _image_workload() -> list[dict]:
     from agent.config import DType, Quantization, load_settings
     from agent.devtools.tiny_qwen3vl import build_tiny_qwen3vl
     from agent.engine.spec import EngineSpec
-    from agent.engine.transformers_engine import TransformersEngine
+    from agent.engine.transformers.engine import TransformersEngine
     from agent.engine.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 
     settings = load_settings()

@@ -65,7 +65,7 @@ def vllm_serve(folder: Path, name: str, port: int, eager: bool, log_path: Path):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     cmd += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16"]
     cmd += ["--max-model-len", "4096"] + (["--enforce-eager"] if eager else [])
-    # The same KV-cache size our vLLM engine uses when VLLM_CPU_KVCACHE_SPACE is unset (agent/engine/vllm_engine.py).
+    # The same KV-cache size our vLLM engine uses when VLLM_CPU_KVCACHE_SPACE is unset (agent/engine/vllm/engine.py).
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     return server(cmd, f"http://127.0.0.1:{port}/health", env, log_path)
 

@@ -65,7 +65,7 @@ def smollm_spec(smollm_folder: Path, engine_device: str, engine_dtype: DType):
 @pytest.fixture(scope="session")
 async def smollm_engine(smollm_spec):
     """One started transformers engine on SmolLM2 for the whole test session."""
-    from agent.engine.transformers_engine import TransformersEngine
+    from agent.engine.transformers.engine import TransformersEngine
 
     engine = TransformersEngine(smollm_spec)
     await engine.start()
@@ -77,7 +77,7 @@ async def smollm_engine(smollm_spec):
 async def tiny_vl_engine(tiny_vl_folder: Path, engine_device: str, engine_dtype: DType):
     """One started transformers engine on the tiny Qwen3-VL for the whole test session."""
     from agent.engine.spec import EngineSpec
-    from agent.engine.transformers_engine import TransformersEngine
+    from agent.engine.transformers.engine import TransformersEngine
 
     spec = EngineSpec(
         folder=tiny_vl_folder,

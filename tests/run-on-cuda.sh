@@ -21,5 +21,5 @@ nvidia-smi -L
 python3 -c 'import sys, torch, transformers; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())'
 
 python3 -m pytest -p no:cacheprovider --engine-device cuda -k "not vllm and not onnx" -rs \
-    tests/engine/test_contract.py tests/engine/test_transformers_engine.py \
-    tests/engine/test_hf_batch.py tests/engine/test_hf_sampling.py "$@"
+    tests/engine/test_contract.py tests/engine/transformers/test_transformers_engine.py \
+    tests/engine/transformers/test_batch.py tests/engine/transformers/test_sampling.py "$@"

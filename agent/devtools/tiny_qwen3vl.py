@@ -6,7 +6,7 @@ byte-level BPE tokenizer trained here (vocab 512) plus Qwen's special tokens, a 
 text is gibberish, but every path a real Qwen3-VL takes (image placeholders, vision tower, M-RoPE) runs for real.
 
 The stock `Qwen3VLProcessor` cannot be built or loaded without torchvision (its video processor); see
-`agent.engine.hf_loading.load_vision_processor`, which loads this folder (and real Qwen3-VL folders) without it.
+`agent.engine.transformers.loading.load_vision_processor`, which loads this folder (and real Qwen3-VL folders) without it.
 
 Usage: `python -m agent.devtools.tiny_qwen3vl OUT_DIR`.
 """
@@ -135,7 +135,7 @@ def _build_into(folder: Path) -> None:
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from agent.engine.hf_loading import NoVideoQwen3VLProcessor
+    from agent.engine.transformers.loading import NoVideoQwen3VLProcessor
 
     torch.manual_seed(SEED)
     tokenizer = _train_tokenizer()

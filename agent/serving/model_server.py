@@ -25,8 +25,8 @@ from agent.serving.api.auth import ApiKeys, AuthMiddleware
 from agent.serving.api.errors import RequestContextMiddleware, install_error_handlers
 from agent.serving.api.limits import BodyLimitMiddleware
 from agent.serving.api.metrics import Metrics, MetricsMiddleware
-from agent.serving.engine_runner import EngineRunner, Loader
-from agent.serving.history_store import HistoryStore
+from agent.serving.api.engine_runner import EngineRunner, Loader
+from agent.serving.api.history_store import HistoryStore
 from agent.serving.inference_engine import ChatService
 
 log = logging.getLogger(__name__)

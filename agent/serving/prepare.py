@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
     resolved = resolve_model(settings.model_path, settings.model_cache_dir)
     log.info("model ready: %s (%s) at %s", resolved.name, resolved.source, resolved.folder)
     _prebuild_onnx(settings, resolved)
-    from agent.serving.triton_launcher import prepare_server
+    from agent.serving.triton.launcher import prepare_server
 
     log.info("triton ready: %s", prepare_server())
     return 0
@@ -35,7 +35,7 @@ def _prebuild_onnx(settings: Settings, resolved) -> None:
     spec = engine_spec(settings, resolved=resolved)
     if choose_strategy(settings, spec) is not LoadingStrategy.onnx:
         return
-    from agent.engine.onnx_build import OnnxBuildOptions, ensure_onnx_model, precision_for
+    from agent.engine.onnx.build import OnnxBuildOptions, ensure_onnx_model, precision_for
 
     path = ensure_onnx_model(spec.folder, spec.cache_dir, OnnxBuildOptions(precision_for(spec.quantization)))
     log.info("ONNX model ready: %s", path)

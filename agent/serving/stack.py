@@ -2,7 +2,7 @@
 
 One model copy serves both doors: Triton loads the engine chosen by LOADING_STRATEGY (auto, transformers, vllm, onnx)
 and FastAPI runs with LOADING_STRATEGY=triton, its engine a gRPC-streaming client of that Triton
-(agent.engine.triton_gateway). Ctrl-C / SIGTERM stops both; if either exits, the other is stopped too.
+(agent.serving.triton.gateway). Ctrl-C / SIGTERM stops both; if either exits, the other is stopped too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from agent.config import LoadingStrategy, load_settings
-from agent.serving.triton_launcher import TritonConfig, TritonLaunchError, TritonServer
+from agent.serving.triton.launcher import TritonConfig, TritonLaunchError, TritonServer
 
 log = logging.getLogger(__name__)
 

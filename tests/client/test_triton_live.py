@@ -82,7 +82,7 @@ def prompt_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def triton(smollm_folder: Path, prompt_log: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Real Triton on free ports, serving SmolLM2 greedily (deterministic) with short answers."""
-    from agent.serving.triton_launcher import TritonConfig, TritonServer
+    from agent.serving.triton.launcher import TritonConfig, TritonServer
 
     env = {
         "MODEL_PATH": str(smollm_folder),

@@ -14,7 +14,7 @@ from deploy_helpers import ROOT, LiveStack, clean_env, free_port, stop_process, 
 
 @pytest.fixture(scope="session")
 def live_stack(smollm_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    from agent.serving.triton_launcher import TritonConfig, TritonServer
+    from agent.serving.triton.launcher import TritonConfig, TritonServer
 
     logs = tmp_path_factory.mktemp("deploy-live")
     # The compose file's model settings, made light for a CPU test: SmolLM2 in fp32 on the transformers engine.

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from agent.devtools.tiny_qwen3vl import build_tiny_qwen3vl, main
-from agent.engine.hf_loading import load_vision_processor, set_pixel_budget
+from agent.engine.transformers.loading import load_vision_processor, set_pixel_budget
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ _ENGINE_FIXTURES: dict[str, tuple[str, tuple[pytest.MarkDecorator, ...]]] = {
 
 @pytest.fixture(scope="session")
 async def vllm_smollm_engine(smollm_spec):
-    from agent.engine.vllm_engine import VllmEngine
+    from agent.engine.vllm.engine import VllmEngine
 
     engine = VllmEngine(smollm_spec)
     await engine.start()
@@ -31,7 +31,7 @@ async def vllm_smollm_engine(smollm_spec):
 
 @pytest.fixture(scope="session")
 async def onnx_smollm_engine(smollm_spec):
-    from agent.engine.onnx_engine import OnnxEngine
+    from agent.engine.onnx.engine import OnnxEngine
 
     engine = OnnxEngine(smollm_spec)
     await engine.start()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from agent.config import Quantization
-from agent.engine.onnx_build import OnnxBuildOptions, ensure_onnx_model
+from agent.engine.onnx.build import OnnxBuildOptions, ensure_onnx_model
 from agent.engine.spec import EngineSpec
 from agent.engine.types import GenerationRequest, Message, SamplingParams
 
@@ -50,7 +50,7 @@ FIRST_TOKEN_BOUND = 3
 
 @pytest.fixture(scope="module")
 async def int4_engine(smollm_folder: Path, model_cache_dir: Path):
-    from agent.engine.onnx_engine import OnnxEngine
+    from agent.engine.onnx.engine import OnnxEngine
 
     spec = EngineSpec(
         folder=smollm_folder, name="SmolLM2-135M-Instruct", quantization=Quantization.int4, cache_dir=model_cache_dir

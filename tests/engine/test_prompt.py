@@ -62,7 +62,7 @@ def test_render_prompt_with_smollm_template(smollm_tokenizer) -> None:
 
 @pytest.mark.slow
 def test_render_prompt_with_vision_processor(tiny_vl_folder) -> None:
-    from agent.engine.hf_loading import load_vision_processor
+    from agent.engine.transformers.loading import load_vision_processor
 
     processor = load_vision_processor(tiny_vl_folder)
     image = Image.new("RGB", (4, 4))

@@ -1,7 +1,7 @@
 """The FastAPI door against malformed and hostile input, on a real uvicorn server over the tiny Qwen3-VL (a vision
 model, so image input reaches the decoder). Every case gets a 4xx in the one JSON error shape (or a normal answer
 where the input is odd but valid); none gets a 5xx; the server stays healthy and answers afterwards. Together with
-tests/serving/test_triton_hostile.py (the Triton door) this is the corpus of docs/reliability.md."""
+tests/serving/triton/test_triton_hostile.py (the Triton door) this is the corpus of docs/reliability.md."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from agent.config import load_settings
 from agent.engine.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError, UnsupportedInputError
 from agent.engine.fake import FakeEngine
 from agent.engine.types import ImagePart, SamplingParams
-from agent.serving.engine_runner import EngineRunner
-from agent.serving.history_store import HistoryStore
+from agent.serving.api.engine_runner import EngineRunner
+from agent.serving.api.history_store import HistoryStore
 from agent.serving.inference_engine import ChatDelta, ChatReply, ChatService
 
 SAMPLING = SamplingParams(max_new_tokens=64, temperature=0.0)

@@ -272,7 +272,7 @@ def test_gguf_file_resolves_to_the_converted_folder(model_cache_dir: Path, smoll
             model_cache_dir=model_cache_dir,
         )
     )
-    from agent.engine.vllm_engine import VllmEngine
+    from agent.engine.vllm.engine import VllmEngine
 
     assert isinstance(engine, VllmEngine)  # text model, no quantization, CPU: vLLM
     assert engine.spec.folder == smollm_folder
@@ -284,7 +284,7 @@ def test_seed_default_int4_on_cpu_builds_the_onnx_engine(model_cache_dir: Path, 
     engine = build_engine(
         settings(model_path=None, quantization_type=Quantization.int4, model_cache_dir=model_cache_dir)
     )
-    from agent.engine.onnx_engine import OnnxEngine
+    from agent.engine.onnx.engine import OnnxEngine
 
     assert isinstance(engine, OnnxEngine)
     assert engine.spec.quantization is Quantization.int4
@@ -292,7 +292,7 @@ def test_seed_default_int4_on_cpu_builds_the_onnx_engine(model_cache_dir: Path, 
 
 
 def test_triton_gateway_does_not_read_model_path() -> None:
-    pytest.importorskip("agent.engine.triton_gateway")
+    pytest.importorskip("agent.serving.triton.gateway")
     engine = build_engine(settings(loading_strategy=LoadingStrategy.triton, model_path="/no/such/folder"))
     assert type(engine).__name__ == "TritonGatewayEngine"
 

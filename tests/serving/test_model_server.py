@@ -346,7 +346,7 @@ async def test_prefix_cache_metric_counts_a_conversations_reused_history(tmp_pat
     """The ONNX engine (real int4 SmolLM2): the second turn of a conversation starts with the first turn, so the
     prefix cache serves those tokens, and /metrics counts them."""
     from agent.config import Quantization
-    from agent.engine.onnx_engine import OnnxEngine
+    from agent.engine.onnx.engine import OnnxEngine
     from agent.engine.spec import EngineSpec
 
     engine = OnnxEngine(

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from agent.config import Settings
-from agent.serving.engine_runner import EngineRunner
+from agent.serving.api.engine_runner import EngineRunner
 from agent.serving.inference_engine import ChatService
 
 

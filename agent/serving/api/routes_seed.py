@@ -23,7 +23,7 @@ from agent.serving.api.schemas import (
     TurnOut,
 )
 from agent.serving.api.sse import cancel_on_disconnect, first_event, sse_response
-from agent.serving.engine_runner import LOADING_RETRY_AFTER
+from agent.serving.api.engine_runner import LOADING_RETRY_AFTER
 from agent.serving.inference_engine import ChatDelta, ChatEvent
 
 router = APIRouter(tags=["chat"])

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 from agent.config import Attention, Device, DType, LoadingStrategy, Quantization, Settings
 from agent.engine.types import EngineInfo, SamplingParams
 from agent.serving.api.errors import ValidationFailedError
-from agent.serving.history_store import SessionSummary, StoredTurn
+from agent.serving.api.history_store import SessionSummary, StoredTurn
 from agent.serving.inference_engine import ChatReply
 
 

@@ -16,7 +16,7 @@ from playwright.async_api import Page, expect
 
 from agent.config import Settings
 from agent.engine.base import Engine
-from agent.serving.engine_runner import Loader
+from agent.serving.api.engine_runner import Loader
 
 REPO = Path(__file__).resolve().parents[3]
 STATIC = REPO / "agent" / "client" / "web" / "static"

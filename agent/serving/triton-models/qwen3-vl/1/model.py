@@ -1,4 +1,4 @@
-"""Triton python-backend entry point for `qwen3-vl`: a thin shell over agent.serving.triton_backend.
+"""Triton python-backend entry point for `qwen3-vl`: a thin shell over agent.serving.triton.backend.
 
 The stub runs an isolated Python (PYTHONPATH is ignored), so `agent` must be importable: installed with
 `pip install -e .` by `make install`, or found from NEWBIE_APP_ROOT (set by the launcher) or from this file's place
@@ -51,7 +51,7 @@ import logging  # noqa: E402
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from agent.serving.triton_backend import TritonBackend  # noqa: E402
+from agent.serving.triton.backend import TritonBackend  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 

@@ -1,0 +1,217 @@
+"""ONNX Runtime GenAI engine (LOADING_STRATEGY=onnx): int4, int8 or fp32 text models on CPU.
+
+`start()` builds the ONNX model from `spec.folder` once into `spec.cache_dir / "onnx"` with onnxruntime-genai's model
+builder (agent.engine.onnx.build), loads the built decoder into onnxruntime with one intra-op thread per usable core,
+and starts the continuous-batching scheduler (agent.engine.onnx.scheduler: why it runs the decoder itself rather
+than through onnxruntime-genai's generator is explained there and in docs/onnx.md).
+Prompts are built by the shared `render_prompt` and tokenized with the model folder's Hugging Face tokenizer (the
+same tokens as every other engine); text streams through the shared incremental detokenizer.
+Vision models are refused with ModelLoadError (the builder exports only a VL model's text decoder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.engine.base import Engine
+from agent.engine.cpu import usable_cores
+from agent.engine.detokenize import IncrementalDetokenizer
+from agent.engine.errors import (
+    EngineFailure,
+    InvalidRequestError,
+    ModelLoadError,
+    NotReadyError,
+    UnsupportedInputError,
+)
+from agent.engine.onnx.build import OnnxBuildOptions, ensure_onnx_model, precision_for
+from agent.engine.onnx.kv import KvPool, KvShape, PrefixCache
+from agent.engine.onnx.runner import DecoderRunner
+from agent.engine.onnx.scheduler import OnnxScheduler, SchedulerLimits, Sequence
+from agent.engine.prompt import render_prompt
+from agent.engine.spec import EngineSpec
+from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+# MatMulNBits compute: None keeps the builder's default, which in onnxruntime-genai 0.18 is already 4 (int8 compute,
+# AVX-512 VNNI) on CPU; 1 (fp32 compute) measured slower here. See docs/onnx.md.
+DEFAULT_ACCURACY_LEVEL: int | None = None
+
+
+@dataclass
+class _Loaded:
+    """Everything `start()` loads; None before start and after shutdown."""
+
+    tokenizer: Any  # the model folder's Hugging Face tokenizer: chat template, encoding, decoding
+    onnx_path: Path
+    context_length: int
+    eos_ids: frozenset[int]
+    scheduler: OnnxScheduler
+
+
+class OnnxEngine(Engine):
+    """Engine on a model built by onnxruntime-genai: continuous batching and a prefix cache over onnxruntime."""
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+        threads: int | None = None,
+        prefill_tokens: int = 512,
+    ) -> None:
+        self.spec = spec
+        self.stats = EngineStats()
+        self.threads = threads or usable_cores()
+        self._accuracy_level = accuracy_level
+        self._prefill_tokens = prefill_tokens
+        self._loaded: _Loaded | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._loaded is not None:
+            return
+        if self.spec.device != "cpu":
+            raise ModelLoadError(
+                f"DEVICE={self.spec.device}: LOADING_STRATEGY=onnx runs on CPU here "
+                "(onnxruntime-genai's CUDA build is not installed); use LOADING_STRATEGY=vllm on GPUs"
+            )
+        options = OnnxBuildOptions(precision_for(self.spec.quantization), self._accuracy_level)
+        started = time.monotonic()
+        self._loaded = await asyncio.to_thread(self._load, options)
+        log.info("ONNX engine ready in %.1f s (%s, %d threads)", time.monotonic() - started, options.tag, self.threads)
+
+    def _load(self, options: OnnxBuildOptions) -> _Loaded:
+        from transformers import AutoTokenizer
+
+        path = ensure_onnx_model(self.spec.folder, self.spec.cache_dir, options)
+        genai = json.loads((path / "genai_config.json").read_text())["model"]
+        decoder = genai["decoder"]
+        shape = KvShape(decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"])
+        context_length = int(genai["context_length"])
+        pool = KvPool(shape, context_length)
+        try:
+            runner = DecoderRunner(path / decoder["filename"], self.threads, pool)
+            tokenizer = AutoTokenizer.from_pretrained(self.spec.folder)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the ONNX model at {path}: {exc}") from exc
+        _warm_up(runner)
+        limits = SchedulerLimits(
+            max_batch_size=self.spec.max_batch_size,
+            kv_budget_bytes=self.spec.onnx_kv_cache_mb << 20,
+            prefill_tokens=self._prefill_tokens,
+        )
+        prefixes = PrefixCache(shape.bytes_per_token, self.spec.onnx_prefix_cache_mb << 20)
+        scheduler = OnnxScheduler(runner, prefixes, limits=limits, stats=self.stats)
+        scheduler.start()
+        eos = genai["eos_token_id"]
+        return _Loaded(
+            tokenizer=tokenizer,
+            onnx_path=path,
+            context_length=context_length,
+            eos_ids=frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos])),
+            scheduler=scheduler,
+        )
+
+    async def shutdown(self) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            await asyncio.to_thread(loaded.scheduler.stop)
+
+    async def health(self) -> bool:
+        return self._loaded is not None and self._loaded.scheduler.alive
+
+    def info(self) -> EngineInfo:
+        loaded = self._loaded
+        precision = {"int4": "int4", "int8": "int8"}.get(self.spec.quantization.value, "float32")
+        return EngineInfo(
+            model_name=self.spec.name,
+            engine="onnx",
+            supports_images=False,
+            context_length=loaded.context_length if loaded else 0,
+            device="cpu",
+            model_path=str(self.spec.folder),
+            dtype=precision,
+            quantization=self.spec.quantization.value,
+        )
+
+    @property
+    def onnx_path(self) -> Path | None:
+        """The cached ONNX model folder in use (None before start)."""
+        return self._loaded.onnx_path if self._loaded else None
+
+    # --- requests ------------------------------------------------------------------------------------------------
+    async def abort(self, request_id: str) -> None:
+        if self._loaded is not None:
+            self._loaded.scheduler.abort(request_id)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        loaded = self._loaded
+        if loaded is None or not loaded.scheduler.alive:
+            raise NotReadyError("the ONNX engine is not started", retry_after=5)
+        seq, queue = self._sequence(loaded, request)
+        loaded.scheduler.submit(seq)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineFailure(f"ONNX generation failed: {item}") from item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the caller closed the stream early (client gone): free the request's row
+                loaded.scheduler.abort(request.request_id)
+
+    def _sequence(self, loaded: _Loaded, request: GenerationRequest) -> tuple[Sequence, asyncio.Queue]:
+        sampling = request.sampling
+        if request.images:
+            raise UnsupportedInputError(f"{self.spec.name} is a text-only model (no vision): it cannot see images")
+        if sampling.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be at least 1")
+        if not 0.0 < sampling.top_p <= 1.0:
+            raise InvalidRequestError("top_p must be in (0, 1]")
+        prompt = render_prompt(loaded.tokenizer, request.messages, vision=False)
+        prompt_ids = np.asarray(loaded.tokenizer.encode(prompt, add_special_tokens=False), dtype=np.int64)
+        room = loaded.context_length - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"prompt is {len(prompt_ids)} tokens; the model's context is {loaded.context_length} "
+                "(shorten the message or MAX_HISTORY)"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+
+        def sink(item: GenerationChunk | BaseException) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            max_new_tokens=min(sampling.max_new_tokens, room),
+            sink=sink,
+            detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt_ids.tolist()),
+            eos_ids=loaded.eos_ids,
+            rng=np.random.default_rng(sampling.seed),
+        )
+        return seq, queue
+
+
+def _warm_up(runner: DecoderRunner) -> None:
+    """One tiny forward pass so the first user request does not pay for onnxruntime's lazy initialisation."""
+    runner.pool.ensure(1, 8, keep=(0, 0))
+    runner.forward(slice(0, 1), np.asarray([[1, 2, 3]]), np.ones((1, 3), dtype=np.int64))
+    runner.pool.release()

@@ -1,0 +1,319 @@
+"""The ONNX engine's scheduler: continuous batching over the KV pool, with a prefix cache.
+
+What onnxruntime-genai 0.18 offers for this (read from its API and tried here, see docs/onnx.md): `og.Engine`'s
+continuous batching needs a PagedAttention model, which its builder makes only for CUDA and WebGPU (on CPU it runs
+static waves of at most 4 requests), and an `og.Generator` takes its batch once (rows can neither join nor leave).
+So the engine keeps onnxruntime-genai for what it does well, building the model, and runs the built decoder itself
+(agent.engine.onnx.runner) over its own KV cache (agent.engine.onnx.kv):
+
+- each running sequence owns a row of the KV pool; one decode step runs every running row (rows at different
+  lengths: GroupQueryAttention takes each row's length from the attention mask);
+- a waiting request joins at the next step: its prompt is prefilled into a free row (copying the longest cached
+  prefix first, so only the rest is computed), it streams its first token, and it decodes with the others from the
+  next step on. Prefills run one row at a time (GroupQueryAttention's limit with a cache behind the new tokens);
+  at most `prefill_tokens` prompt tokens are prefilled between two decode steps, a long prompt in chunks over
+  several steps, so running streams keep flowing;
+- a finished or aborted sequence leaves at once: the last row moves into its place;
+- tokens are chosen per row in numpy (agent.engine.onnx.sampling): requests with different sampling settings share
+  a step, and a seeded request draws from its own random stream.
+The loop runs on its own thread (onnxruntime releases the GIL); results go back through each sequence's sink.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.engine.detokenize import StopMatcher
+from agent.engine.onnx.kv import KvPool, PrefixCache
+from agent.engine.onnx.runner import DecoderRunner
+from agent.engine.onnx.sampling import choose_token
+from agent.engine.scheduler_thread import SchedulerThread
+from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[GenerationChunk | BaseException], None]
+_MIN_CHUNK = 32  # a new prefill starts only with at least this much of the step's prefill budget left
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the scheduler: its prompt, what it generated so far, and where its chunks go."""
+
+    request_id: str
+    prompt_ids: np.ndarray
+    sampling: SamplingParams
+    max_new_tokens: int
+    sink: Sink
+    detokenizer: Any  # agent.engine.detokenize.IncrementalDetokenizer
+    eos_ids: frozenset[int]
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    on_finish: Callable[[], None] | None = None  # runs before the final chunk is sent (keeps stats exact)
+    cached: int = 0  # tokens of this sequence in its KV row
+
+    def __post_init__(self) -> None:
+        self._stops = StopMatcher(self.sampling.stop)
+        self.min_new_tokens = self.max_new_tokens if self.sampling.ignore_eos else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def tokens_needed(self) -> int:
+        """KV positions this sequence can reach: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
+    def banned_tokens(self) -> tuple[int, ...]:
+        return tuple(self.eos_ids) if len(self.generated) < self.min_new_tokens else ()
+
+    def accept(self, token: int) -> None:
+        """Take one generated token: stream its text, and finish on EOS, a stop string or the length limit."""
+        self.generated.append(token)
+        count = len(self.generated)
+        if token in self.eos_ids and count > self.min_new_tokens:
+            self.finish("stop", self._stops.flush())
+            return
+        text = self._stops.feed(self.detokenizer.push(token))
+        if self._stops.stopped:
+            self.finish("stop", text)
+        elif count >= self.max_new_tokens:
+            self.finish("length", text + self._stops.flush())
+        elif text:
+            self._emit(text, None)
+
+    def finish(self, reason: FinishReason, text: str = "") -> None:
+        if not self.finished:
+            self.finish_reason = reason
+            if self.on_finish is not None:
+                self.on_finish()
+            self._emit(text, reason)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.finished:
+            self.finish_reason = "error"
+            if self.on_finish is not None:
+                self.on_finish()
+            self.sink(exc)
+
+    def _emit(self, text: str, reason: FinishReason | None) -> None:
+        self.sink(GenerationChunk(self.request_id, text, len(self.prompt_ids), len(self.generated), reason))
+
+
+def choose_tokens(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
+    """One token per row of `logits` ([n, vocab], edited in place): argmax for greedy rows (over the whole batch at
+    once), per-row sampling for the others; banned ids (EOS before a minimum length) are never chosen."""
+    for i, seq in enumerate(seqs):
+        banned = seq.banned_tokens()
+        if banned:
+            logits[i, list(banned)] = -np.inf
+    tokens = np.argmax(logits, axis=-1).tolist()
+    for i, seq in enumerate(seqs):
+        if not seq.sampling.greedy:
+            tokens[i] = choose_token(logits[i], seq.sampling, seq.rng)
+    return tokens
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_size: int = 32  # sequences decoded together
+    kv_budget_bytes: int = 2 << 30  # the KV pool's size limit (a lone request is always admitted)
+    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one prompt)
+
+
+class OnnxScheduler(SchedulerThread):
+    """Admits, prefills, decodes and retires sequences on one background thread."""
+
+    def __init__(self, runner: DecoderRunner, prefixes: PrefixCache, *, limits: SchedulerLimits, stats: EngineStats):
+        self.runner = runner
+        self.pool: KvPool = runner.pool
+        self.prefixes = prefixes
+        self.limits = limits
+        self.stats = stats
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i] owns pool row i
+        self.prefilling: Sequence | None = None  # a prompt being prefilled in chunks, in row len(running)
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        super().__init__("onnx-scheduler")
+
+    # --- called from other threads ------------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("scheduler stopped")
+            seq.on_finish = self._update_stats
+            self._inbox.append(seq)
+            self.stats.waiting += 1
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    # --- the scheduler thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._next_batch_of_work():
+                self._admit()
+                if self.running:
+                    self._decode()
+                self._update_stats()
+        except BaseException as exc:  # a bug: fail every request rather than leave clients hanging
+            log.exception("ONNX scheduler crashed")
+            self._fail_all(exc)
+        finally:
+            self._abort_all()
+
+    def _next_batch_of_work(self) -> bool:
+        """Wait for work; move the inbox and aborts into scheduler state. False once stopping."""
+        with self._cond:
+            while not (self._stopping or self._inbox or self._aborts or self._pending()):
+                self.pool.release()  # idle: give the KV memory back
+                self._cond.wait()
+            if self._stopping:
+                return False
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, set()
+        if aborts:
+            for seq in [s for s in self.waiting if s.request_id in aborts]:
+                self.waiting.remove(seq)
+                seq.finish("abort")
+            for seq in self.running:
+                if seq.request_id in aborts:
+                    seq.finish("abort")
+            if self.prefilling is not None and self.prefilling.request_id in aborts:
+                self.prefilling.finish("abort")
+                self.prefilling = None  # its row is the last one: nothing to move
+            self._retire_finished()
+        return True
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into the row after the running ones, within the slot, KV and per-step prefill
+        budgets. A prompt longer than the budget is prefilled a chunk per step (`self.prefilling`, one at a time),
+        so the running streams keep getting tokens while it fills."""
+        budget = budget_limit = self.limits.prefill_tokens
+        while budget > 0:
+            if self.prefilling is None and (budget < min(_MIN_CHUNK, budget_limit) or not self._start_next()):
+                return
+            budget -= self._prefill_chunk(budget)
+
+    def _start_next(self) -> bool:
+        """Give the next waiting request a row (and its cached prefix); False when none can start now."""
+        if not self.waiting or len(self.running) >= self.limits.max_batch_size:
+            return False
+        seq = self.waiting[0]
+        tokens = max(s.tokens_needed for s in [*self.running, seq])
+        if self.running and self.pool.bytes_for(len(self.running) + 1, tokens) > self.limits.kv_budget_bytes:
+            return False  # wait for memory; a lone request always starts
+        self.waiting.popleft()
+        row = len(self.running)
+        self.pool.ensure(row + 1, tokens, keep=(row, max((s.cached for s in self.running), default=0)))
+        kv, reused = self.prefixes.lookup(seq.prompt_ids)
+        if reused:
+            self.pool.write(row, kv, reused)
+        seq.cached = reused
+        self.stats.prefix_cached_tokens += reused
+        self.prefilling = seq
+        return True
+
+    def _prefill_chunk(self, budget: int) -> int:
+        """Run up to `budget` more prompt tokens of `self.prefilling`; at its end, it joins the running batch with
+        its first token. Returns the tokens computed."""
+        seq, row = self.prefilling, len(self.running)
+        assert seq is not None
+        prompt = seq.prompt_ids
+        end = min(len(prompt), seq.cached + budget)
+        done = end - seq.cached
+        try:
+            logits = self.runner.forward(
+                slice(row, row + 1), prompt[None, seq.cached : end], np.ones((1, end), dtype=np.int64)
+            )
+        except Exception as exc:
+            log.exception("ONNX prefill failed")
+            self.prefilling = None
+            seq.fail(exc)
+            return done
+        seq.cached = end
+        self.stats.record_step(1)
+        if end < len(prompt):
+            return done
+        self.prefilling = None
+        self.prefixes.store(prompt, lambda n: self.pool.read(row, n))
+        self.running.append(seq)
+        seq.accept(choose_tokens(logits, [seq])[0])
+        if seq.finished:
+            self._retire_finished()
+        return done
+
+    def _decode(self) -> None:
+        """One step for every running sequence."""
+        seqs = self.running
+        cached = np.fromiter((s.cached for s in seqs), dtype=np.int64, count=len(seqs))
+        # Row i has cached[i] tokens plus this one: that many ones (GroupQueryAttention reads the sum).
+        mask = (np.arange(int(cached.max()) + 1)[None, :] <= cached[:, None]).astype(np.int64)
+        last = np.fromiter((s.generated[-1] for s in seqs), dtype=np.int64, count=len(seqs))[:, None]
+        try:
+            logits = self.runner.forward(slice(0, len(seqs)), last, mask)
+        except Exception as exc:
+            log.exception("ONNX decode step failed")
+            for seq in seqs:
+                seq.fail(exc)
+            self._retire_finished()
+            return
+        self.stats.record_step(len(seqs))
+        for seq, token in zip(seqs, choose_tokens(logits, seqs), strict=True):
+            seq.cached += 1
+            seq.accept(token)
+        self._retire_finished()
+
+    def _retire_finished(self) -> None:
+        """Drop finished sequences, moving the last running rows into their places (rows stay contiguous), and the
+        row being prefilled to just after them."""
+        before = len(self.running)
+        i = 0
+        while i < len(self.running):
+            if not self.running[i].finished:
+                i += 1
+                continue
+            last = self.running.pop()
+            if i < len(self.running):
+                self.pool.move(len(self.running), i, last.cached)
+                self.running[i] = last
+        if self.prefilling is not None and len(self.running) < before:
+            self.pool.move(before, len(self.running), self.prefilling.cached)
+
+    def _update_stats(self) -> None:
+        """Recount from the scheduler's state (a finishing sequence calls this before its last chunk goes out)."""
+        self.stats.running = sum(1 for s in self.running if not s.finished) + (self.prefilling is not None)
+        self.stats.waiting = len(self.waiting) + len(self._inbox)
+
+    def _pending(self) -> list[Sequence]:
+        return [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for seq in self._pending():
+            seq.fail(exc)
+
+    def _abort_all(self) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = [*self._inbox, *self._pending()]
+            self._inbox.clear()
+        for seq in pending:
+            seq.finish("abort")
+        self.waiting.clear()
+        self.running.clear()
+        self.prefilling = None
+        self.pool.release()
+        self._update_stats()
