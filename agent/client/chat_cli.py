@@ -6,14 +6,17 @@
 
 Commands: `/image PATH` attaches an image to the next message, `/clear` forgets the conversation, `/history` shows
 it, `/quit` leaves. Ctrl-C while an answer streams stops that answer (the request is cancelled on the server) and
-returns to the prompt; Ctrl-C or Ctrl-D at the prompt leaves.
+returns to the prompt; Ctrl-C or Ctrl-D at the prompt leaves. The CLI installs its own Ctrl-C handling, so this holds
+even when it is started with SIGINT ignored (`nohup`, a background job of a non-interactive shell, some CI runners).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
@@ -169,9 +172,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def take_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt here, whatever SIGINT disposition this process inherited.
+
+    Python installs its KeyboardInterrupt handler at start-up only when SIGINT is at its default; a process started
+    with SIGINT ignored (nohup, `cmd &` in a script, CI runners) would otherwise never see Ctrl-C, and a stream could
+    not be stopped. Signal handlers can be set from the main thread only, so elsewhere (an embedding app) this is a
+    no-op."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsa-agent chat`."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    take_ctrl_c()
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
     client = make_client(args.door, args.url, args.timeout, args.model, args.session)

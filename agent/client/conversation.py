@@ -20,7 +20,7 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from agent.client.errors import InvalidInputError
+from agent.client.errors import DsaClientError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ class ChatStream:
         """Consume the whole stream and return its result."""
         for _ in self:
             pass
-        assert self.result is not None
+        if self.result is None:  # closed before the end (close() or an earlier, interrupted iteration)
+            raise DsaClientError("the answer's stream was closed before it ended")
         return self.result
 
     def close(self) -> None:

@@ -57,6 +57,7 @@ from agent.client.errors import (
     error_from_message,
     error_from_triton,
 )
+from agent.serving.triton import protocol as proto  # the tensor names: one contract with the model
 
 __all__ = ["DEFAULT_MODEL", "ModelMetadata", "TensorSpec", "TritonGrpcClient", "TritonHttpClient"]
 
@@ -111,11 +112,11 @@ class TritonHttpClient(_TritonClient):
         return f"/v2/models/{self.model_name}{version}/{'generate_stream' if stream else 'generate'}"
 
     def _body(self, request: _Request) -> dict[str, Any]:
-        body: dict[str, Any] = {"text_input": request.text, "stream": request.stream, **request.sampling}
+        body: dict[str, Any] = {proto.TEXT_INPUT: request.text, proto.STREAM: request.stream, **request.sampling}
         if request.messages:
-            body["messages"] = json.dumps(request.messages)
+            body[proto.MESSAGES] = json.dumps(request.messages)
         if request.images:
-            body["image"] = request.images
+            body[proto.IMAGE] = request.images
         return body
 
     def _pieces(self, request: _Request) -> Iterator[Piece]:
@@ -151,10 +152,10 @@ def _piece_from_json(data: dict[str, Any]) -> Piece:
         error = data["error"]
         raise error_from_message(error if isinstance(error, str) else json.dumps(error))
     return Piece(
-        text=_scalar(data.get("text_output", "")),
-        prompt_tokens=int(_scalar(data.get("prompt_tokens", 0)) or 0),
-        completion_tokens=int(_scalar(data.get("completion_tokens", 0)) or 0),
-        finish_reason=_scalar(data.get("finish_reason", "")) or None,
+        text=_scalar(data.get(proto.TEXT_OUTPUT, "")),
+        prompt_tokens=int(_scalar(data.get(proto.PROMPT_TOKENS, 0)) or 0),
+        completion_tokens=int(_scalar(data.get(proto.COMPLETION_TOKENS, 0)) or 0),
+        finish_reason=_scalar(data.get(proto.FINISH_REASON, "")) or None,
     )
 
 
@@ -205,14 +206,19 @@ class TritonGrpcClient(_TritonClient):
             config = self._call("get_model_config", self.model_name, self.model_version, as_json=True)
             self._batched = int(config.get("config", config).get("max_batch_size", 0)) > 0
         tensors: list[tuple[str, np.ndarray]] = [
-            ("text_input", np.array([request.text.encode()], dtype=np.object_)),
-            ("stream", np.array([request.stream], dtype=np.bool_)),
+            (proto.TEXT_INPUT, np.array([request.text.encode()], dtype=np.object_)),
+            (proto.STREAM, np.array([request.stream], dtype=np.bool_)),
         ]
         if request.messages:
-            tensors.append(("messages", np.array([json.dumps(request.messages).encode()], dtype=np.object_)))
+            tensors.append((proto.MESSAGES, np.array([json.dumps(request.messages).encode()], dtype=np.object_)))
         if request.images:
-            tensors.append(("image", np.array([i.encode() for i in request.images], dtype=np.object_)))
-        dtypes = {"max_tokens": np.int32, "temperature": np.float32, "top_p": np.float32, "seed": np.int64}
+            tensors.append((proto.IMAGE, np.array([i.encode() for i in request.images], dtype=np.object_)))
+        dtypes = {
+            proto.MAX_TOKENS: np.int32,
+            proto.TEMPERATURE: np.float32,
+            proto.TOP_P: np.float32,
+            proto.SEED: np.int64,
+        }
         tensors += [(k, np.array([v], dtype=dtypes[k])) for k, v in request.sampling.items()]
         inputs = []
         for name, array in tensors:
@@ -248,7 +254,7 @@ class TritonGrpcClient(_TritonClient):
                     raise error_from_triton(error)
                 final = result.get_response().parameters.get("triton_final_response")
                 finished = bool(final and final.bool_param)
-                if result.as_numpy("text_output") is not None:
+                if result.as_numpy(proto.TEXT_OUTPUT) is not None:
                     yield _piece_from_result(result)
         except InferenceServerException as exc:
             raise error_from_triton(exc) from exc
@@ -277,10 +283,10 @@ def _first(result: Any, name: str) -> Any:
 
 def _piece_from_result(result: Any) -> Piece:
     return Piece(
-        text=_first(result, "text_output") or "",
-        prompt_tokens=int(_first(result, "prompt_tokens") or 0),
-        completion_tokens=int(_first(result, "completion_tokens") or 0),
-        finish_reason=_first(result, "finish_reason") or None,
+        text=_first(result, proto.TEXT_OUTPUT) or "",
+        prompt_tokens=int(_first(result, proto.PROMPT_TOKENS) or 0),
+        completion_tokens=int(_first(result, proto.COMPLETION_TOKENS) or 0),
+        finish_reason=_first(result, proto.FINISH_REASON) or None,
     )
 
 
@@ -298,17 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     cls = TritonGrpcClient if args.grpc else TritonHttpClient
     with cls(args.url, timeout=args.timeout) as client:
         if not client.check_health():
-            print(f"Triton at {client.url} is not ready (is it running? `dsa-agent triton`)", file=sys.stderr)
+            sys.stderr.write(f"Triton at {client.url} is not ready (is it running? `dsa-agent triton`)\n")
             return 1
-        print(f"Triton at {client.url} is ready; model {client.model_name}")
+        sys.stdout.write(f"Triton at {client.url} is ready; model {client.model_name}\n")
         try:
             response, response_time = client.chat(args.question, max_new_tokens=args.max_new_tokens)
         except DsaClientError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            sys.stderr.write(f"error: {exc}\n")
             return 1
-        print(f"Q: {args.question}")
-        print(f"Response: {response}")
-        print(f"Time: {response_time:.2f}s")
+        # The seed's demo output (a command's user interface, not logging).
+        sys.stdout.write(f"Q: {args.question}\nResponse: {response}\nTime: {response_time:.2f}s\n")
     return 0
 
 

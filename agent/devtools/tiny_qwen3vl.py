@@ -6,7 +6,8 @@ byte-level BPE tokenizer trained here (vocab 512) plus Qwen's special tokens, a 
 text is gibberish, but every path a real Qwen3-VL takes (image placeholders, vision tower, M-RoPE) runs for real.
 
 The stock `Qwen3VLProcessor` cannot be built or loaded without torchvision (its video processor); see
-`agent.engine.transformers.loading.load_vision_processor`, which loads this folder (and real Qwen3-VL folders) without it.
+`agent.engine.transformers.loading.load_vision_processor`, which
+loads this folder (and real Qwen3-VL folders) without it.
 
 Usage: `python -m agent.devtools.tiny_qwen3vl OUT_DIR`.
 """

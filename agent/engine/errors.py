@@ -25,6 +25,12 @@ class UnsupportedInputError(InvalidRequestError):
     code = "unsupported_input"
 
 
+class InvalidValueError(EngineError):
+    """A value outside its rule (range, count, length): 422 at both doors (the rules: agent.engine.limits)."""
+
+    status, code = 422, "validation_error"
+
+
 class PayloadTooLargeError(EngineError):
     status, code = 413, "payload_too_large"
 

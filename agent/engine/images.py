@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from agent.engine.errors import InvalidRequestError, PayloadTooLargeError
+from agent.engine.types import ImagePart
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 
@@ -42,6 +43,11 @@ def b64_to_bytes(data: str, limits: ImageLimits) -> bytes:
 
 def decode_image(raw: bytes, limits: ImageLimits) -> Image.Image:
     """Bytes -> RGB PIL image. Checks size in bytes and in pixels (from the header, before decoding pixels)."""
+    return _open_checked(raw, limits).convert("RGB")
+
+
+def _open_checked(raw: bytes, limits: ImageLimits) -> Image.Image:
+    """Bytes -> the loaded image in its own mode and format, after the byte and pixel checks."""
     if len(raw) > limits.max_bytes:
         raise PayloadTooLargeError(f"image: {len(raw)} bytes, more than MAX_IMAGE_BYTES={limits.max_bytes}")
     try:
@@ -58,11 +64,28 @@ def decode_image(raw: bytes, limits: ImageLimits) -> Image.Image:
         raise PayloadTooLargeError(f"image: more pixels than MAX_IMAGE_PIXELS={limits.max_pixels}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidRequestError(f"image: not a readable image ({type(exc).__name__})") from None
-    return img.convert("RGB")
+    return img
 
 
 def decode_b64_image(data: str, limits: ImageLimits) -> Image.Image:
+    """Base64 or a data URL -> a checked RGB PIL image."""
     return decode_image(b64_to_bytes(data, limits), limits)
+
+
+def image_part(data: str, limits: ImageLimits) -> ImagePart:
+    """Base64 or a data URL -> a checked, decoded `ImagePart` that keeps the file as sent (`source`, `mime`), so the
+    Triton gateway forwards those bytes rather than re-encoding the pixels."""
+    raw = b64_to_bytes(data, limits)
+    img = _open_checked(raw, limits)
+    mime = img.get_format_mimetype() or "application/octet-stream"
+    return ImagePart(img.convert("RGB"), source=raw, mime=mime)
+
+
+def data_url(part: ImagePart) -> str:
+    """An image part as a base64 data URL: its original file when it has one, else a lossless PNG of its pixels."""
+    if part.source is not None:
+        return f"data:{part.mime};base64," + base64.b64encode(part.source).decode("ascii")
+    return "data:image/png;base64," + encode_png_b64(part.image)
 
 
 def encode_png_b64(img: Image.Image) -> str:

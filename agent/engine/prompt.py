@@ -41,8 +41,27 @@ def template_messages(messages: Sequence[Message], *, vision: bool) -> list[dict
     return out
 
 
-def render_prompt(tokenizer_or_processor: Any, messages: Sequence[Message], *, vision: bool) -> str:
-    """The prompt text for a conversation, ending with the assistant's turn opener."""
-    return tokenizer_or_processor.apply_chat_template(
-        template_messages(messages, vision=vision), tokenize=False, add_generation_prompt=True
-    )
+def render_prompt(
+    tokenizer_or_processor: Any,
+    messages: Sequence[Message],
+    *,
+    vision: bool,
+    tools: Sequence[dict[str, Any]] = (),
+) -> str:
+    """The prompt text for a conversation, ending with the assistant's turn opener.
+
+    Tools, tool calls and tool results go through the model's template when it knows tools, else through the
+    generic format of agent.engine.structured.tools.
+    """
+    rendered = template_messages(messages, vision=vision)
+    kwargs: dict[str, Any] = {}
+    if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+        from agent.engine.structured import tools as tooling
+
+        if tooling.template_supports_tools(tokenizer_or_processor):
+            rendered = [{**r, **tooling.native_tool_fields(m)} for r, m in zip(rendered, messages, strict=True)]
+            if tools:
+                kwargs["tools"] = list(tools)
+        else:
+            rendered = tooling.generic_tool_messages(rendered, messages, tools)
+    return tokenizer_or_processor.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True, **kwargs)

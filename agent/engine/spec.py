@@ -23,6 +23,9 @@ class EngineSpec:
     vllm_max_model_len: int = 4096
     onnx_kv_cache_mb: int = 2048
     onnx_prefix_cache_mb: int = 256
+    grammar_cache_size: int = 64  # compiled structured-output grammars kept (agent.engine.structured.grammar)
+    grammar_compile_timeout_s: float = 10.0  # a schema compiling longer is refused with 400
+    openvino_kv_cache_mb: int = 2048
     cache_dir: Path = Path.home() / ".cache" / "newbie-app"
 
     def with_(self, **changes: object) -> EngineSpec:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -20,19 +20,36 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ImagePart:
-    """A decoded, size-checked image (see agent.engine.images)."""
+    """A decoded, size-checked image (see agent.engine.images).
+
+    `source` is the image file as the client sent it (None when the image was made here): a gateway forwards those
+    bytes as they are, instead of re-encoding the decoded pixels. `mime` is its type.
+    """
 
     image: Image.Image
     type: Literal["image"] = "image"
+    source: bytes | None = field(default=None, repr=False, compare=False)
+    mime: str = field(default="image/png", compare=False)
 
 
 Part = TextPart | ImagePart
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made (OpenAI's `tool_calls[i]`): `arguments` is a JSON object's text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
     role: Role
     parts: tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns that called tools
+    tool_call_id: str | None = None  # role "tool": the call this message answers
 
     @classmethod
     def text(cls, role: Role, text: str) -> Message:
@@ -47,6 +64,21 @@ class Message:
         return "".join(p.text for p in self.parts if isinstance(p, TextPart))
 
 
+ConstraintKind = Literal["json_object", "json_schema"]
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """Structured output: the generated text must match it (compiled and enforced by agent.engine.structured).
+
+    `json_object`: any JSON object; `json_schema`: `schema` (a JSON Schema as compact JSON text, so equal
+    schemas share one compiled grammar).
+    """
+
+    kind: ConstraintKind
+    schema: str = ""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 512
@@ -55,6 +87,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens
+    constraint: OutputConstraint | None = None  # structured output (JSON object / JSON schema)
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +103,9 @@ class GenerationRequest:
     messages: tuple[Message, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=new_request_id)
+    # OpenAI function tools the model may call (`{"type": "function", "function": {name, description, parameters}}`),
+    # rendered into the prompt (agent.engine.structured.tools); empty: none.
+    tools: tuple[dict[str, Any], ...] = ()
 
     @property
     def images(self) -> list[Image.Image]:

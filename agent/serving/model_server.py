@@ -7,7 +7,6 @@ so `/health` answers 503 `{"status": "loading"}` until the model is ready. `dsa-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,13 +19,15 @@ from fastapi.staticfiles import StaticFiles
 from agent.config import Settings, get_settings, load_settings
 from agent.engine.base import Engine
 from agent.serving.api import metrics as metrics_routes
-from agent.serving.api import routes_openai, routes_seed, routes_sessions
-from agent.serving.api.auth import ApiKeys, AuthMiddleware
-from agent.serving.api.errors import RequestContextMiddleware, install_error_handlers
-from agent.serving.api.limits import BodyLimitMiddleware
-from agent.serving.api.metrics import Metrics, MetricsMiddleware
+from agent.serving.api import routes_openai, routes_seed, routes_sessions, routes_usage
+from agent.serving.api.auth import AuthMiddleware
+from agent.serving.api.body_limit import BodyLimitMiddleware
 from agent.serving.api.engine_runner import EngineRunner, Loader
-from agent.serving.api.history_store import HistoryStore
+from agent.serving.api.errors import RequestContextMiddleware, install_error_handlers
+from agent.serving.api.metrics import Metrics, MetricsMiddleware
+from agent.serving.api.principals import KeyRing
+from agent.serving.api.quotas import PrincipalLimits, PrincipalMetrics
+from agent.serving.api.store import open_store
 from agent.serving.inference_engine import ChatService
 
 log = logging.getLogger(__name__)
@@ -51,32 +52,38 @@ def create_app(
     """
     settings = settings or get_settings()
     metrics = Metrics()
+    principal_metrics = PrincipalMetrics(metrics.registry)
+    # Built now, not in the lifespan: a bad API_KEYS_FILE stops start-up before anything is served.
+    keys = KeyRing.build(settings.api_key_list, settings.api_keys_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = await asyncio.to_thread(HistoryStore, settings.history_db)
+        # PostgreSQL: retried for STORE_CONNECT_TIMEOUT, then start-up fails naming the URL (password redacted).
+        store = await open_store(
+            settings.history_db, connect_timeout=settings.store_connect_timeout, pool_size=settings.store_pool_size
+        )
         runner = EngineRunner(settings, engine=engine, loader=loader, observer=metrics)
         metrics.bind(runner.admission)
-        app.state.service = ChatService(settings, store, runner)
+        quotas = PrincipalLimits(store, settings, principal_metrics)
+        app.state.service = ChatService(settings, store, runner, quotas)
         runner.start()
         try:
             yield
         finally:
             await runner.shutdown()
-            store.close()
+            await store.aclose()
 
     app = FastAPI(title="newbie-app", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (routes_seed.router, routes_sessions.router, routes_openai.router, metrics_routes.router):
+    routers = (routes_seed.router, routes_sessions.router, routes_usage.router, routes_openai.router)
+    for router in (*routers, metrics_routes.router):
         app.include_router(router)
     # add_middleware wraps: the last added runs first. Outermost: request id and 500s, metrics (401s and 413s are
     # counted), CORS (answers preflights, adds its headers to refusals too), keys (before any body is read), limits.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(
-        AuthMiddleware, keys=ApiKeys(settings.api_key_list), public_paths=settings.public_paths, web_dir=WEB_UI_DIR
-    )
+    app.add_middleware(AuthMiddleware, keys=keys, public_paths=settings.public_paths, web_dir=WEB_UI_DIR)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -110,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     # sse-starlette ends every open stream as soon as SIGTERM arrives; we drain them instead, and uvicorn cancels
     # whatever is still running after GRACEFUL_SHUTDOWN_SECONDS (which aborts those engine requests).
     AppStatus.disable_automatic_graceful_drain()
-    if not settings.api_key_list and settings.host not in LOOPBACK_HOSTS:
-        log.warning("listening on %s without API_KEYS: anyone who can reach this port can use it", settings.host)
+    if not settings.api_key_list and settings.api_keys_file is None and settings.host not in LOOPBACK_HOSTS:
+        log.warning("listening on %s without API keys: anyone who can reach this port can use it", settings.host)
+    app = create_app(settings)  # a bad API_KEYS_FILE stops here, before anything listens
     log.info("FastAPI door on http://%s:%d (docs at /docs)", settings.host, settings.port)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,

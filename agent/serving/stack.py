@@ -3,11 +3,17 @@
 One model copy serves both doors: Triton loads the engine chosen by LOADING_STRATEGY (auto, transformers, vllm, onnx)
 and FastAPI runs with LOADING_STRATEGY=triton, its engine a gRPC-streaming client of that Triton
 (agent.serving.triton.gateway). Ctrl-C / SIGTERM stops both; if either exits, the other is stopped too.
+
+Stopping drains both doors at once for up to GRACEFUL_SHUTDOWN_SECONDS: FastAPI stops accepting and finishes its
+streams, Triton's model refuses new requests and finishes (then cancels) its in-flight ones; with nothing in flight
+the stack is down in a few seconds. FastAPI runs in its own process group, so a terminal's Ctrl-C reaches it once
+(through us): a second SIGINT would make uvicorn exit at once instead of draining.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -72,7 +78,7 @@ def main(argv: Sequence[str]) -> int:
         log.info("starting Triton (the model loads inside it; this can take a minute) ...")
         triton.start(args.timeout)
         log.info("starting FastAPI in gateway mode -> Triton gRPC %s", cfg.grpc_url)
-        fastapi = subprocess.Popen(fastapi_command(serve_args), env=fastapi_env(cfg))
+        fastapi = subprocess.Popen(fastapi_command(serve_args), env=fastapi_env(cfg), start_new_session=True)
         while not stopping and fastapi.poll() is None and triton.process is not None and triton.process.poll() is None:
             time.sleep(0.5)
         return 0 if stopping else 1
@@ -80,11 +86,21 @@ def main(argv: Sequence[str]) -> int:
         log.error("%s", exc)
         return 1
     finally:
-        if fastapi is not None and fastapi.poll() is None:
-            fastapi.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
-            try:  # FastAPI drains in-flight answers for up to GRACEFUL_SHUTDOWN_SECONDS: wait a little longer
-                fastapi.wait(load_settings().graceful_shutdown_seconds + 15)
-            except subprocess.TimeoutExpired:
-                fastapi.kill()
-                fastapi.wait()
+        triton.begin_drain()  # both doors drain at the same time
+        if fastapi is not None:
+            stop_fastapi(fastapi, load_settings().graceful_shutdown_seconds)
         triton.stop()
+        log.info("stopped")
+
+
+def stop_fastapi(fastapi: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGINT (uvicorn's graceful shutdown: it drains for up to `grace` s), then end its whole process group."""
+    if fastapi.poll() is None:
+        fastapi.send_signal(signal.SIGINT)
+        try:  # FastAPI drains in-flight answers for up to GRACEFUL_SHUTDOWN_SECONDS: wait a little longer
+            fastapi.wait(grace + 15)
+        except subprocess.TimeoutExpired:
+            log.warning("FastAPI did not stop in %.0f s: killing it", grace + 15)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(fastapi.pid, signal.SIGKILL)  # anything it started; normally nothing is left
+    fastapi.wait()

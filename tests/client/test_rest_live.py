@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import signal
 import socket
 import sys
 import threading
@@ -129,7 +130,13 @@ def test_cancelled_stream(fastapi_url: str) -> None:
         assert client.chat("still there?")[0] == "echo: still there?"
 
 
-def test_chat_cli_over_fastapi_survives_ctrl_c(fastapi_url: str) -> None:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("inherited_sigint", ["default", "ignored"])
+def test_chat_cli_over_fastapi_survives_ctrl_c(fastapi_url: str, inherited_sigint: str) -> None:
+    """Ctrl-C stops a streaming answer, also when the CLI was started with SIGINT ignored (as CI runners do)."""
     import pexpect
 
     child = pexpect.spawn(
@@ -139,6 +146,7 @@ def test_chat_cli_over_fastapi_survives_ctrl_c(fastapi_url: str) -> None:
         encoding="utf-8",
         timeout=60,
         dimensions=(40, 400),
+        preexec_fn=_ignore_sigint if inherited_sigint == "ignored" else None,
     )
     try:
         child.expect_exact("you> ")

@@ -86,11 +86,13 @@ def compose_config(path: Path = COMPOSE_FILE, env: dict[str, str] | None = None)
 
 
 def template_nginx(listen: str, fastapi: str, triton: str) -> str:
-    """The project's nginx.conf with only the listen address and the upstream servers changed."""
+    """The project's nginx.conf with only the listen address and the upstream servers changed (several FastAPI
+    replicas: `fastapi` = "host:port; server host:port; ...")."""
     text = NGINX_CONF.read_text()
     for pattern, value in (
         (r"listen 80;", f"listen {listen};"),
         (r"server fastapi-server:8000;", f"server {fastapi};"),
+        (r"\n\s*server fastapi-server-2:8000;", ""),  # the second compose replica: `fastapi` lists every one here
         (r"server triton-server:8001;", f"server {triton};"),
     ):
         text, n = re.subn(pattern, value, text)

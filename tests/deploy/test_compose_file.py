@@ -17,16 +17,19 @@ SEED_ENV_TABLE = (
     "MODEL_PATH", "QUANTIZATION_TYPE", "ATTENTION_IMPL", "MAX_HISTORY", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P",
 )  # fmt: skip
 # Values the containers set on purpose instead of the Settings default (where they listen, where state lives).
+FASTAPI_VALUES = {
+    "MODEL_CACHE_DIR": "/cache",
+    "LOADING_STRATEGY": "triton",  # gateway mode: one model copy, in Triton
+    "TRITON_GRPC_URL": "triton-server:8002",
+    "TRITON_HTTP_URL": "triton-server:8001",
+    "HOST": "0.0.0.0",
+    # both replicas share the postgres service (sessions, history, usage, limits)
+    "HISTORY_DB": "postgresql://newbie:newbie-change-me@postgres:5432/newbie",
+}
 CONTAINER_VALUES = {
     "triton-server": {"MODEL_CACHE_DIR": "/cache"},
-    "fastapi-server": {
-        "MODEL_CACHE_DIR": "/cache",
-        "LOADING_STRATEGY": "triton",  # gateway mode: one model copy, in Triton
-        "TRITON_GRPC_URL": "triton-server:8002",
-        "TRITON_HTTP_URL": "triton-server:8001",
-        "HOST": "0.0.0.0",
-        "HISTORY_DB": "/data/history.sqlite3",
-    },
+    "fastapi-server": FASTAPI_VALUES,
+    "fastapi-server-2": FASTAPI_VALUES,
 }
 # The seed's "Out of Memory" section, verbatim.
 SEED_GPU_RESERVATION = [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
@@ -122,9 +125,11 @@ def test_volumes_models_history_and_configs(compose: dict) -> None:
     assert Path(triton["/models"]["source"]) == ROOT / "agent/serving/triton-models"
     assert triton["/models"]["read_only"] is True
     assert (ROOT / "agent/serving/triton-models/qwen3-vl/1/model.py").is_file()
-    fastapi = services["fastapi-server"]
-    history_dir = str(Path(fastapi["environment"]["HISTORY_DB"]).parent)
-    assert _mounts(fastapi)[history_dir]["type"] == "volume", "the history database must outlive the container"
+    for name in ("fastapi-server", "fastapi-server-2"):  # stateless: history is in the postgres service
+        assert "@postgres:5432/" in services[name]["environment"]["HISTORY_DB"]
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    data = _mounts(services["postgres"])["/var/lib/postgresql/data"]
+    assert data["type"] == "volume", "the history database must outlive the container"
     assert Path(_mounts(services["nginx"])["/etc/nginx/nginx.conf"]["source"]) == (
         ROOT / "agent/serving/triton-docker/nginx.conf"
     )
@@ -134,6 +139,17 @@ def test_volumes_models_history_and_configs(compose: dict) -> None:
         for mount in service.get("volumes", []):
             if mount["type"] == "bind" and mount["target"] != "/weights":  # /weights: the operator's checkpoints
                 assert Path(mount["source"]).exists(), f"{name}: bind source {mount['source']} missing"
+
+
+def test_two_fastapi_replicas_behind_nginx(compose: dict) -> None:
+    services = compose["services"]
+    first, second = services["fastapi-server"], services["fastapi-server-2"]
+    assert second["image"] == first["image"] and second["build"] == first["build"]
+    assert not second.get("ports")  # only through nginx; the seed's :8000 is the first replica
+    assert {"fastapi-server", "fastapi-server-2"} <= set(services["nginx"]["depends_on"])
+    nginx = (ROOT / "agent/serving/triton-docker/nginx.conf").read_text()
+    assert "server fastapi-server:8000;" in nginx and "server fastapi-server-2:8000;" in nginx
+    assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
 
 
 def test_builds_point_at_existing_dockerfiles(compose: dict) -> None:

@@ -23,6 +23,10 @@ VARIANTS = {
         "fastapi": {"history": {"persistence": False}},
         "extraEnv": [{"name": "MAX_QUEUE", "value": "512"}],
     },
+    "postgres": {"fastapi": {"postgres": {"urlSecret": {"name": "newbie-db"}}}},
+    "postgres-fixed-replicas": {
+        "fastapi": {"postgres": {"urlSecret": {"name": "newbie-db"}}, "autoscaling": {"enabled": False}},
+    },
 }
 KUBE_VERSIONS = ("1.25.0", "1.37.0")  # Chart.yaml's kubeVersion floor, and the newest schemas bundled
 
@@ -123,6 +127,29 @@ def test_both_doors_get_the_seed_table_with_settings_defaults() -> None:
             assert getattr(Settings(**{field: env[key]}), field) == Settings.model_fields[field].default, key
         for key in ("TEMPERATURE", "TOP_P"):
             assert float(env[key]) == Settings.model_fields[key.lower()].default
+
+
+def test_fastapi_with_postgres_is_replicated_with_pdb_and_hpa() -> None:
+    docs = render(VARIANTS["postgres"])
+    deployment = by_kind(docs, "Deployment", "fastapi")
+    assert "replicas" not in deployment["spec"] and deployment["spec"].get("strategy") is None  # the HPA owns it
+    env = {e["name"]: e for e in container(docs, "fastapi")["env"]}
+    assert env["HISTORY_DB"]["valueFrom"]["secretKeyRef"] == {"name": "newbie-db", "key": "url"}
+    assert not [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "history"]
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    pdb = by_kind(docs, "PodDisruptionBudget", "fastapi")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    hpa = by_kind(docs, "HorizontalPodAutoscaler", "fastapi")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    fixed = render(VARIANTS["postgres-fixed-replicas"])
+    assert by_kind(fixed, "Deployment", "fastapi")["spec"]["replicas"] == 2
+    assert not [d for d in fixed if d["kind"] == "HorizontalPodAutoscaler" and "fastapi" in d["metadata"]["name"]]
+    # SQLite (the default): one replica, no PDB, no FastAPI HPA
+    default = render()
+    assert by_kind(default, "Deployment", "fastapi")["spec"]["replicas"] == 1
+    assert not [d for d in default if d["kind"] == "PodDisruptionBudget"]
 
 
 def test_autoscaler_on_queue_time() -> None:

@@ -26,7 +26,8 @@ def test_targets_are_the_compose_services() -> None:
     jobs = {j["job_name"]: j for j in yaml.safe_load(PROMETHEUS_CONF.read_text())["scrape_configs"]}
     assert set(jobs) == {"fastapi", "triton"}
     services = compose_config()["services"]
-    for job, (service, port) in {"fastapi": ("fastapi-server", 8000), "triton": ("triton-server", 8003)}.items():
-        assert jobs[job]["static_configs"][0]["targets"] == [f"{service}:{port}"]
+    expected = {"fastapi": (("fastapi-server", "fastapi-server-2"), 8000), "triton": (("triton-server",), 8003)}
+    for job, (names, port) in expected.items():
+        assert jobs[job]["static_configs"][0]["targets"] == [f"{name}:{port}" for name in names]
         assert jobs[job].get("metrics_path", "/metrics") == "/metrics"
-        assert service in services
+        assert set(names) <= set(services)

@@ -9,7 +9,16 @@ import pytest
 from PIL import Image
 
 from agent.engine.errors import InvalidRequestError, PayloadTooLargeError
-from agent.engine.images import ImageLimits, b64_to_bytes, decode_b64_image, decode_image, encode_png_b64
+from agent.engine.images import (
+    ImageLimits,
+    b64_to_bytes,
+    data_url,
+    decode_b64_image,
+    decode_image,
+    encode_png_b64,
+    image_part,
+)
+from agent.engine.types import ImagePart
 
 LIMITS = ImageLimits(max_bytes=1024 * 1024, max_pixels=4096 * 4096)
 
@@ -86,3 +95,15 @@ def test_png_round_trip() -> None:
     img = Image.new("RGB", (7, 3), (1, 2, 3))
     back = decode_b64_image(encode_png_b64(img), LIMITS)
     assert back.size == (7, 3) and back.getpixel((6, 2)) == (1, 2, 3)
+
+
+def test_an_image_part_keeps_the_file_as_sent() -> None:
+    raw = png_bytes(mode="RGBA", color=(9, 8, 7, 255))
+    b64 = base64.b64encode(raw).decode()
+    part = image_part(b64, LIMITS)
+    assert (part.source, part.mime, part.image.mode) == (raw, "image/png", "RGB")
+    assert data_url(part) == f"data:image/png;base64,{b64}"  # forwarded as sent, not re-encoded
+    made_here = ImagePart(Image.new("RGB", (2, 2), (4, 5, 6)))
+    assert decode_b64_image(data_url(made_here), LIMITS).getpixel((1, 1)) == (4, 5, 6)  # no file: a lossless PNG
+    with pytest.raises(PayloadTooLargeError):
+        image_part(b64, ImageLimits(max_bytes=1024 * 1024, max_pixels=10))  # still checked

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +15,14 @@ from starlette.routing import Route
 from agent.config import SettingsError, load_settings
 from agent.engine.base import Engine
 from agent.serving.api.auth import COOKIE_NAME, ApiKeys, path_is_public
+from agent.serving.api.principals import (
+    ForbiddenError,
+    KeyRing,
+    KeysFileError,
+    Principal,
+    Role,
+    load_keys_file,
+)
 from agent.serving.model_server import create_app
 from tests.serving.live import serving
 
@@ -163,3 +174,171 @@ async def test_without_keys_nothing_is_asked(smollm_engine: Engine, tmp_path: Pa
         # no CORS_ORIGINS: no cross-origin grants at all
         response = await client.get("/health", headers={"Origin": "https://tutor.example.com"})
         assert "access-control-allow-origin" not in response.headers
+
+
+# --- principals and roles (API_KEYS_FILE) ------------------------------------------------------------------------
+
+ALICE, BOB, ROOT = "alice-key-1", "bob-key-2", "root-key-3"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def keys_toml(**limits: int) -> str:
+    extra = "".join(f"{k} = {v}\n" for k, v in limits.items())
+    return (
+        f'[[keys]]\nname = "alice"\nrole = "learner"\nsha256 = "{sha(ALICE)}"\n{extra}\n'
+        f'[[keys]]\nname = "bob"\nrole = "learner"\nsha256 = "{sha(BOB)}"\n\n'
+        f'[[keys]]\nname = "root"\nrole = "admin"\nsha256 = "{sha(ROOT)}"\n'
+    )
+
+
+def test_keys_file_names_principals_and_roles(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(keys_toml(max_concurrent=2, tokens_per_minute=500))
+    ring = KeyRing.build([KEY], path)
+    alice, root, operator = ring.lookup(ALICE), ring.lookup(ROOT), ring.lookup(KEY)
+    assert alice == Principal("alice", Role.learner, max_concurrent=2, tokens_per_minute=500)
+    assert root is not None and root.is_admin and root.name == "root"
+    assert operator is not None and operator.is_admin and operator.name == "local"  # API_KEYS keys stay admins
+    assert ring.lookup(sha(ALICE)) is None and ring.lookup("nope") is None  # the digest itself is not a key
+    assert alice.default_session("default") == "default:alice" and operator.default_session("default") == "default"
+    with pytest.raises(ForbiddenError, match="needs the admin role; 'alice' is a learner"):
+        alice.require(Role.admin, "POST /load_model")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ('[[keys]]\nname = "a"\nrole = "teacher"\nsha256 = "{h}"\n', 3, "unknown role 'teacher'"),
+        ('[[keys]]\nname = "a"\nrole = "learner"\nsha256 = "not-hex"\n', 4, "64 hex digits"),
+        ('[[keys]]\nname = "a"\nrole = "learner"\n', 1, "`sha256` is required"),
+        (
+            '[[keys]]\nname = "a"\nrole = "learner"\nsha256 = "{h}"\n\n[[keys]]\nname = "a"\nrole = "admin"\n'
+            'sha256 = "{h}"\n',
+            7,
+            "appears twice",
+        ),  # fmt: skip
+        ('[[keys]]\nname = "a b"\nrole = "learner"\nsha256 = "{h}"\n', 2, "name 'a b'"),
+        ('[[keys]]\nname = "a"\nrole = "learner"\nsha256 = "{h}"\nmax_concurrent = -1\n', 5, "max_concurrent"),
+        ('[[keys]]\nname = "a"\nrole = "learner"\nsha256 = "{h}"\ncolour = "red"\n', 5, "unknown field 'colour'"),
+        ('[[keys]]\nname = "a"\nrole = learner\n', 3, "not valid TOML"),
+        ('[[keys]]\nname = "local"\nrole = "admin"\nsha256 = "{h}"\n', 2, "reserved"),
+    ],
+)
+def test_malformed_keys_file_names_file_and_line(tmp_path: Path, text: str, line: int, problem: str) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(text.replace("{h}", sha("k")))
+    with pytest.raises(KeysFileError) as failed:
+        load_keys_file(path)
+    assert f"{path}:{line}:" in str(failed.value) and problem in str(failed.value)
+
+
+def test_bad_keys_file_stops_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[[keys]]\nname = "a"\nrole = "superuser"\nsha256 = "00"\n')
+    with pytest.raises(KeysFileError, match=r"keys\.toml:3: .*unknown role 'superuser'"):
+        create_app(load_settings(history_db=tmp_path / "h.sqlite3", api_keys_file=path))
+    with pytest.raises(KeysFileError, match="cannot read"):
+        create_app(load_settings(history_db=tmp_path / "h.sqlite3", api_keys_file=tmp_path / "missing.toml"))
+
+
+@contextlib.asynccontextmanager
+async def principals_server(engine: Engine, tmp_path: Path, **overrides: object) -> AsyncIterator[str]:
+    path = tmp_path / "keys.toml"
+    path.write_text(keys_toml(**overrides.pop("alice_limits", {})))
+    overrides = {"max_new_tokens": 4, "temperature": 0.0, **overrides}
+    settings = load_settings(history_db=tmp_path / "h.sqlite3", api_keys=KEY, api_keys_file=path, **overrides)
+    async with serving(create_app(settings, engine)) as url:
+        yield url
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.slow
+async def test_learners_see_only_their_own_sessions_and_usage(smollm_engine: Engine, tmp_path: Path) -> None:
+    async with principals_server(smollm_engine, tmp_path) as url, httpx.AsyncClient(base_url=url, timeout=120) as c:
+        alice, bob, root = bearer(ALICE), bearer(BOB), bearer(ROOT)
+        # the seed's /chat without session_id: each caller's own default session
+        first = await c.post("/chat", headers=alice, json={"message": "What is a stack?"})
+        assert first.status_code == 200 and first.json()["session_id"] == "default:alice"
+        other = await c.post("/chat", headers=bob, json={"message": "What is a queue?"})
+        assert other.json()["session_id"] == "default:bob"
+        assert [t["content"] for t in (await c.get("/history", headers=alice)).json()["history"]][0] == (
+            "What is a stack?"
+        )
+        bobs = (await c.post("/sessions", headers=bob)).json()["session_id"]
+        listed = {s["session_id"] for s in (await c.get("/sessions", headers=alice)).json()["sessions"]}
+        assert listed == {"default:alice"}
+        # another learner's session: 404, exactly like a session that does not exist
+        for session in (bobs, "default:bob"):
+            for response in (
+                await c.get("/history", headers=alice, params={"session_id": session}),
+                await c.post("/clear_history", headers=alice, json={"session_id": session}),
+                await c.delete(f"/sessions/{session}", headers=alice),
+                await c.post("/chat", headers=alice, json={"message": "hi", "session_id": session}),
+            ):
+                assert response.status_code == 404, response.text
+                assert (
+                    response.json()["error"]["message"]
+                    == f"session {session!r} not found: create one with POST /sessions"
+                )
+        assert len((await c.get("/history", headers=bob, params={"session_id": "default:bob"})).json()["history"]) == 2
+        # admin routes: 403 naming the role
+        refused = await c.post("/load_model", headers=alice, json={"dtype": "no-such-dtype"})
+        assert refused.status_code == 403 and "needs the admin role" in refused.json()["error"]["message"]
+        assert (await c.get("/sessions", headers=alice, params={"all": "true"})).status_code == 403
+        assert (await c.get("/usage", headers=alice, params={"principal": "bob"})).status_code == 403
+        assert (await c.post("/load_model", headers=root, json={"dtype": "no-such-dtype"})).status_code == 422
+        # admins: everything
+        everyone = (await c.get("/sessions", headers=root, params={"all": "true"})).json()["sessions"]
+        assert {(s["session_id"], s["owner"]) for s in everyone} >= {("default:alice", "alice"), (bobs, "bob")}
+        assert (await c.get("/history", headers=root, params={"session_id": "default:alice"})).status_code == 200
+        # usage: per principal and day, in the store
+        mine = (await c.get("/usage", headers=alice)).json()["usage"]
+        assert [(r["principal"], r["role"], r["requests"]) for r in mine] == [("alice", "learner", 1)]
+        assert mine[0]["prompt_tokens"] > 0 and 0 < mine[0]["completion_tokens"] <= 4
+        assert {r["principal"] for r in (await c.get("/usage", headers=root)).json()["usage"]} == {"alice", "bob"}
+        assert (await c.get("/me", headers=alice)).json() == {
+            "name": "alice", "role": "learner", "max_concurrent": 0, "tokens_per_minute": 0,
+        }  # fmt: skip
+        metrics = (await c.get("/metrics")).text
+        assert 'dsa_principal_requests_total{role="learner"} 2.0' in metrics
+        # the web UI: after /login, the browser's cookie is alice's principal
+        login = await c.post("/login", data={"key": ALICE}, headers={"Origin": url})
+        assert login.status_code == 303
+        assert [s["session_id"] for s in (await c.get("/sessions")).json()["sessions"]] == ["default:alice"]
+
+
+@pytest.mark.slow
+async def test_per_principal_limits_answer_429(smollm_engine: Engine, tmp_path: Path) -> None:
+    limits = {"alice_limits": {"tokens_per_minute": 1}, "principal_max_concurrent": 1, "max_new_tokens": 64}
+    short = {"message": "hi", "max_new_tokens": 2}
+    async with (
+        principals_server(smollm_engine, tmp_path, **limits) as url,
+        httpx.AsyncClient(base_url=url, timeout=120) as c,
+    ):
+        body = {"message": "Say something long about trees.", "max_new_tokens": 64, "stream": True}
+        # bob: one request at a time (PRINCIPAL_MAX_CONCURRENT=1); alice's own limit is tokens per minute
+        async with c.stream("POST", "/chat", headers=bearer(BOB), json=body) as streaming:
+            assert streaming.status_code == 200
+            second = await c.post("/chat", headers=bearer(BOB), json=short)
+            assert second.status_code == 429 and second.headers["retry-after"] == "1"
+            assert "PRINCIPAL_MAX_CONCURRENT" in second.json()["error"]["message"]
+            assert (await c.post("/chat", headers=bearer(ROOT), json=short)).status_code == 200  # per principal
+        # the stream was cut (client gone): its slot comes back
+        for _ in range(100):
+            again = await c.post("/chat", headers=bearer(BOB), json=short)
+            if again.status_code != 429:
+                break
+            await asyncio.sleep(0.1)
+        assert again.status_code == 200, again.text
+        assert (await c.post("/chat", headers=bearer(ALICE), json=short)).status_code == 200
+        messages = [{"role": "user", "content": "hi"}]
+        over = await c.post("/v1/chat/completions", headers=bearer(ALICE), json={"messages": messages, "max_tokens": 2})
+        assert over.status_code == 429 and 1 <= int(over.headers["retry-after"]) <= 60
+        assert over.json()["error"]["type"] == "rate_limited"
+        assert 'dsa_principal_limited_total{limit="concurrent",role="learner"} 1.0' in (await c.get("/metrics")).text

@@ -9,6 +9,7 @@ import pytest
 
 from agent.config import Attention, Device, DType, LoadingStrategy, Quantization, Settings, load_settings
 from agent.engine import checkpoints
+from agent.engine.cpu import CpuFeatures
 from agent.engine.errors import ModelLoadError
 from agent.engine.fake import FakeEngine
 from agent.engine.spec import EngineSpec
@@ -127,8 +128,22 @@ def test_engine_spec_refuses_cuda_only_options_on_cpu(
 
 
 # --- strategy rules ----------------------------------------------------------------------------------------------
-def _spec(folder: Path, device: str, quantization: Quantization) -> EngineSpec:
-    return EngineSpec(folder=folder, name="m", device=device, quantization=quantization)
+# CPUs as their /proc/cpuinfo flags describe them (the loader's rules read nothing else).
+ZEN3_AVX2 = CpuFeatures(frozenset({"avx", "avx2", "fma"}), "AMD EPYC 7763 (Zen 3)")
+SKYLAKE_AVX512 = CpuFeatures(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}), "Xeon Gold 6248")
+ZEN4_AVX512_BF16 = CpuFeatures(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}), "Zen 4")
+SAPPHIRE_RAPIDS_AMX = CpuFeatures(frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}), "Xeon 8480")
+UNKNOWN_CPU = CpuFeatures()
+
+
+@pytest.fixture(autouse=True)
+def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rules that do not name a CPU see one with native bf16, whatever CPU runs the tests."""
+    monkeypatch.setattr(model_loader, "cpu_features", lambda: ZEN4_AVX512_BF16)
+
+
+def _spec(folder: Path, device: str, quantization: Quantization, dtype: DType = DType.auto) -> EngineSpec:
+    return EngineSpec(folder=folder, name="m", device=device, quantization=quantization, dtype=dtype)
 
 
 @pytest.mark.parametrize(
@@ -162,6 +177,53 @@ def test_auto_strategy_rules(
     monkeypatch.setattr(model_loader, "vllm_available", lambda: True)
     spec = _spec(hf_folder(tmp_path / "m", vision=vision), device, quantization)
     assert choose_strategy(settings(loading_strategy=LoadingStrategy.auto), spec) is expected
+
+
+@pytest.mark.parametrize(
+    ("cpu", "dtype", "expected"),
+    [
+        (ZEN3_AVX2, DType.auto, LoadingStrategy.onnx),  # vLLM would emulate bf16: 7.5 tok/s against ONNX's 75
+        (SKYLAKE_AVX512, DType.auto, LoadingStrategy.onnx),  # AVX-512 without BF16: emulated too
+        (UNKNOWN_CPU, DType.auto, LoadingStrategy.onnx),  # nothing known: the engine that needs no bf16
+        (ZEN4_AVX512_BF16, DType.auto, LoadingStrategy.vllm),  # native bf16: vLLM at half ONNX fp32's memory
+        (SAPPHIRE_RAPIDS_AMX, DType.auto, LoadingStrategy.vllm),
+        (ZEN4_AVX512_BF16, DType.float32, LoadingStrategy.onnx),  # fp32 asked: ONNX fp32 beats vLLM fp32
+        (ZEN3_AVX2, DType.float32, LoadingStrategy.onnx),
+        (ZEN3_AVX2, DType.bfloat16, LoadingStrategy.vllm),  # bf16 asked: only vLLM runs it
+    ],
+)
+def test_auto_unquantized_text_on_cpu_follows_the_cpu_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu: CpuFeatures, dtype: DType, expected: LoadingStrategy
+) -> None:
+    monkeypatch.setattr(model_loader, "vllm_available", lambda: True)
+    spec = _spec(hf_folder(tmp_path / "m"), "cpu", Quantization.none, dtype)
+    assert choose_strategy(settings(loading_strategy=LoadingStrategy.auto), spec, cpu) is expected
+
+
+@pytest.mark.parametrize("cpu", [ZEN3_AVX2, SKYLAKE_AVX512, ZEN4_AVX512_BF16, SAPPHIRE_RAPIDS_AMX])
+def test_auto_rules_that_hold_on_every_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu: CpuFeatures) -> None:
+    monkeypatch.setattr(model_loader, "vllm_available", lambda: True)
+    auto = settings(loading_strategy=LoadingStrategy.auto)
+    text = hf_folder(tmp_path / "t")
+    for q in (Quantization.int4, Quantization.int8):
+        assert choose_strategy(auto, _spec(text, "cpu", q), cpu) is LoadingStrategy.onnx
+    assert choose_strategy(auto, _spec(text, "cpu", Quantization.awq), cpu) is LoadingStrategy.vllm
+    assert choose_strategy(auto, _spec(text, "cuda", Quantization.none), cpu) is LoadingStrategy.vllm
+
+
+def test_auto_logs_the_engine_the_reason_and_the_cpu(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spec = _spec(hf_folder(tmp_path / "m"), "cpu", Quantization.none)
+    with caplog.at_level("INFO", logger=model_loader.__name__):
+        choose_strategy(settings(loading_strategy=LoadingStrategy.auto), spec, ZEN3_AVX2)
+    assert "LOADING_STRATEGY=auto -> onnx" in caplog.text
+    assert "without native bf16" in caplog.text and "CPU avx2 (avx2, fma)" in caplog.text
+
+
+def test_unquantized_cpu_without_onnxruntime_genai_keeps_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_loader, "vllm_available", lambda: True)
+    monkeypatch.setattr(model_loader, "_onnx_available", lambda: False)
+    spec = _spec(hf_folder(tmp_path / "m"), "cpu", Quantization.none)
+    assert choose_strategy(settings(loading_strategy=LoadingStrategy.auto), spec, ZEN3_AVX2) is LoadingStrategy.vllm
 
 
 def test_quantized_cpu_without_onnxruntime_genai_picks_bitsandbytes(
@@ -274,7 +336,7 @@ def test_gguf_file_resolves_to_the_converted_folder(model_cache_dir: Path, smoll
     )
     from agent.engine.vllm.engine import VllmEngine
 
-    assert isinstance(engine, VllmEngine)  # text model, no quantization, CPU: vLLM
+    assert isinstance(engine, VllmEngine)  # text model, no quantization, CPU with native bf16 (bf16_cpu): vLLM
     assert engine.spec.folder == smollm_folder
     assert engine.spec.name == gguf.stem
     assert (engine.spec.folder / "config.json").is_file()
@@ -289,6 +351,19 @@ def test_seed_default_int4_on_cpu_builds_the_onnx_engine(model_cache_dir: Path, 
     assert isinstance(engine, OnnxEngine)
     assert engine.spec.quantization is Quantization.int4
     assert engine.spec.name == checkpoints.EMBEDDED_NAME
+
+
+def test_unquantized_on_an_avx2_cpu_builds_the_onnx_engine(
+    model_cache_dir: Path, no_cuda: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` with QUANTIZATION_TYPE=none on a CPU without native bf16 (Zen 3) serves ONNX fp32, not vLLM."""
+    monkeypatch.setattr(model_loader, "cpu_features", lambda: ZEN3_AVX2)
+    engine = build_engine(
+        settings(model_path=None, quantization_type=Quantization.none, model_cache_dir=model_cache_dir)
+    )
+    from agent.engine.onnx.engine import OnnxEngine
+
+    assert isinstance(engine, OnnxEngine) and engine.spec.quantization is Quantization.none
 
 
 def test_triton_gateway_does_not_read_model_path() -> None:

@@ -299,7 +299,8 @@ async def test_sessions(tmp_path: Path) -> None:
         await client.post("/chat", json={"message": "first session question", "session_id": first})
         listed = (await client.get("/sessions")).json()["sessions"]
         assert listed[0] == {
-            "session_id": first, "title": "first session question", "turns": 1, "updated_at": listed[0]["updated_at"]
+            "session_id": first, "title": "first session question", "turns": 1, "updated_at": listed[0]["updated_at"],
+            "owner": "local",
         }  # fmt: skip
         assert {s["session_id"] for s in listed} >= {first, second}
         history = (await client.get("/history", params={"session_id": first})).json()

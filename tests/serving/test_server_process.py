@@ -7,6 +7,7 @@ for the whole module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -187,3 +188,149 @@ def test_sigterm_drains_the_in_flight_stream_then_exits(state: dict) -> None:
     with sqlite3.connect(db) as conn:  # the drained turn was committed before it was acknowledged
         stored = conn.execute("SELECT content FROM turns WHERE role = 'assistant' ORDER BY id DESC LIMIT 1").fetchone()
     assert stored[0] == events[-1]["response"]
+
+
+# ------------------------------------------------------------------------- the stack `make run` ships (dsa-agent up)
+# FastAPI in gateway mode -> Triton -> the ONNX int4 engine (tests/serving/shipped_stack.py): the same checks.
+from tests.serving.shipped_stack import SHIPPED_LIMITS, StackProcess, shipped_stack  # noqa: E402
+
+__all__ = ["shipped_stack"]  # a fixture
+
+
+def stack_rss(stack: StackProcess) -> int:
+    """RSS of the whole stack: the supervisor, FastAPI, tritonserver and its model stub."""
+    assert stack.proc is not None
+    return rss(stack.proc.pid)
+
+
+@pytest.mark.triton
+def test_shipped_stack_overload_gets_only_200_and_429_with_retry_after(shipped_stack: StackProcess) -> None:
+    running = int(SHIPPED_LIMITS["MAX_CONCURRENT_REQUESTS"]) + int(SHIPPED_LIMITS["MAX_QUEUE"])
+    peak = stack_rss(shipped_stack)
+
+    def client(i: int) -> list[tuple[int, str | None]]:
+        seen = []
+        with httpx.Client(base_url=shipped_stack.url, timeout=120) as http:
+            for round_ in range(2):
+                body = {"message": f"Name a sorting algorithm ({i}.{round_}).", "max_new_tokens": 16}
+                response = http.post("/chat", json=body)
+                seen.append((response.status_code, response.headers.get("retry-after")))
+        return seen
+
+    with ThreadPoolExecutor(4 * running) as pool:
+        futures = [pool.submit(client, i) for i in range(4 * running)]
+        while not all(f.done() for f in futures):
+            peak = max(peak, stack_rss(shipped_stack))
+            time.sleep(0.1)
+        results = [r for f in futures for r in f.result()]
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    assert all(retry is not None and int(retry) >= 1 for s, retry in results if s == 429)
+    assert peak < STACK_RSS_BOUND, f"peak RSS {peak / 2**20:.0f} MiB"
+    health = httpx.get(f"{shipped_stack.url}/health", timeout=10).json()
+    assert health["status"] == "ready" and health["running"] == 0 and health["waiting"] == 0
+    assert shipped_stack.triton_get("/v2/health/ready") == 200
+    log.info("shipped overload: %d requests, %s; peak RSS %.0f MiB", len(statuses), sorted(set(statuses)), peak / 2**20)
+
+
+# Measured (docs/reliability.md): the whole shipped stack peaks near 1.2 GiB here (ONNX int4 SmolLM2 in Triton's stub).
+STACK_RSS_BOUND = int(2.5 * 2**30)
+
+
+def kill_9_all(stack: StackProcess) -> None:
+    """kill -9 every process of the stack at once (a crash, or the machine losing power): nothing runs a handler."""
+    assert stack.proc is not None
+    procs = [psutil.Process(stack.proc.pid), *psutil.Process(stack.proc.pid).children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)
+
+
+@pytest.mark.triton
+def test_shipped_stack_kill_9_loses_no_acknowledged_turn_and_sigterm_drains(
+    smollm_folder: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the whole stack mid-burst of /chat turns, a restart on the same history file (every acknowledged
+    turn is there), then SIGTERM during a long streamed answer: it runs to its end, and the stack exits 0."""
+    env = {**SHIPPED_LIMITS, "MAX_NEW_TOKENS": "400", "GRACEFUL_SHUTDOWN_SECONDS": "30"}
+    first = StackProcess(tmp_path, env).start()
+    try:
+        with httpx.Client(base_url=first.url, timeout=30) as http:
+            sessions = [http.post("/sessions").json()["session_id"] for _ in range(4)]
+        acknowledged: list[tuple[str, str, str]] = []
+        lock = threading.Lock()
+        killed = threading.Event()
+
+        def chatter(session: str) -> None:
+            with httpx.Client(base_url=first.url, timeout=60) as http:
+                for n in range(1000):
+                    if killed.is_set():
+                        return
+                    message = f"Turn {n} in {session[:6]}: name a data structure."
+                    try:
+                        response = http.post(
+                            "/chat", json={"message": message, "session_id": session, "max_new_tokens": 2}
+                        )
+                    except httpx.TransportError:
+                        return  # the stack is gone: this turn was never acknowledged
+                    if response.status_code == 200:
+                        with lock:
+                            acknowledged.append((session, message, response.json()["response"]))
+                    else:
+                        assert response.status_code == 429, response.text
+                        time.sleep(0.1)
+
+        with ThreadPoolExecutor(len(sessions)) as pool:
+            futures = [pool.submit(chatter, s) for s in sessions]
+            deadline = time.monotonic() + 120
+            while len(acknowledged) < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            kill_9_all(first)  # mid-burst: requests are in flight and queued
+            killed.set()
+            for future in futures:
+                future.result()
+        assert len(acknowledged) >= 8
+    finally:
+        first.stop()
+
+    second = StackProcess(tmp_path, env).start()  # same HISTORY_DB (and a fresh runtime repository)
+    try:
+        with httpx.Client(base_url=second.url, timeout=30) as http:
+            for session in sessions:
+                history = http.get("/history", params={"session_id": session}).json()["history"]
+                pairs = {(u["content"], a["content"]) for u, a in zip(history[::2], history[1::2], strict=True)}
+                mine = {(m, r) for s, m, r in acknowledged if s == session}
+                assert mine <= pairs, f"lost {len(mine - pairs)} acknowledged turns of {session}"
+
+        body = {
+            "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 100,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        events: list = []
+        with httpx.stream("POST", f"{second.url}/v1/chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            signalled = time.monotonic()
+            second.signal(signal.SIGTERM)  # mid-stream
+            for line in lines:  # ... the answer in flight runs to its end
+                if line.startswith("data: "):
+                    events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+        code = second.wait(60)
+        stopped = time.monotonic() - signalled
+    finally:
+        second.stop()
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 100, events[-3:]
+    stack_log = second.log()
+    assert code == 0, stack_log[-3000:]
+    assert "Non-graceful" not in stack_log and "Exit timeout expired" not in stack_log, stack_log[-3000:]
+    log.info(
+        "shipped stack: %d acknowledged turns kept; drained stream, exited %.1f s after SIGTERM",
+        len(acknowledged),
+        stopped,
+    )

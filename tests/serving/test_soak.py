@@ -195,3 +195,68 @@ async def test_soak_with_disconnects(soak: tuple[Soak, Engine], tmp_path: Path, 
     hangups = [r for r in recorded_logs.records if "disconnected" in r.getMessage()]
     assert len(hangups) <= len(hung)  # the only thing logged: hung-up clients (plain requests log one line each)
     log.info("soak %s: %d requests in %.1f s (%.0f req/s)", engine_fixture, requests, elapsed, requests / elapsed)
+
+
+# ------------------------------------------------------------------------- the stack `make run` ships (dsa-agent up)
+from tests.serving.shipped_stack import SHIPPED_LIMITS, StackProcess, shipped_stack, triton_view  # noqa: E402
+
+__all__ = ["shipped_stack"]  # a fixture
+
+SHIPPED_REQUESTS = 40
+
+
+@pytest.mark.triton
+async def test_soak_on_the_shipped_stack(shipped_stack: StackProcess) -> None:
+    """The same mix through FastAPI (gateway) -> Triton -> ONNX int4, with as many clients as the stack admits
+    (MAX_CONCURRENT_REQUESTS + MAX_QUEUE: none is refused), 10 % hanging up mid-stream: every request accounted for,
+    both doors idle afterwards, and nothing logged at WARNING or above by either process while it ran."""
+    clients = int(SHIPPED_LIMITS["MAX_CONCURRENT_REQUESTS"]) + int(SHIPPED_LIMITS["MAX_QUEUE"])
+    log_start = len(shipped_stack.log())
+    async with httpx.AsyncClient(base_url=shipped_stack.url, timeout=120) as client:
+        before = (await client.get("/metrics")).text
+        sessions = [(await client.post("/sessions")).json()["session_id"] for _ in range(4)]
+        todo = iter(range(SHIPPED_REQUESTS))
+        outcomes: dict[int, Outcome] = {}
+
+        async def worker() -> None:
+            for i in todo:
+                outcomes[i] = await one(client, i, sessions, "Count to ten, slowly, in words.")
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.monotonic() - started
+        triton = triton_view(shipped_stack)
+        idle = await wait_until(
+            lambda: (
+                not triton.metric("dsa_triton_running_requests")
+                and not triton.metric("dsa_triton_engine_running_requests")
+                and not triton.metric("dsa_triton_engine_waiting_requests")
+            ),
+            timeout=30,
+        )
+        health = (await client.get("/health")).json()
+        after = (await client.get("/metrics")).text
+        turns = [len((await client.get("/history", params={"session_id": s})).json()["history"]) for s in sessions]
+
+    assert sorted(outcomes) == list(range(SHIPPED_REQUESTS))
+    done = [o for o in outcomes.values() if not o.hung_up]
+    assert len(done) == SHIPPED_REQUESTS - SHIPPED_REQUESTS // DISCONNECT_EVERY and all(o.status == 200 for o in done)
+    assert all(0 < o.completion_tokens <= SHORT for o in done)
+    assert idle, "Triton's model or engine still busy"  # hung-up streams were aborted in the engine too
+    assert health["status"] == "ready" and health["running"] == 0 and health["waiting"] == 0
+
+    def sent(route: str) -> float:
+        return metric(after, "dsa_requests_total", route=route, status="200") - metric(
+            before, "dsa_requests_total", route=route, status="200"
+        )
+
+    chats = sum(o.kind.startswith("chat") for o in done)
+    assert sent("/chat") == chats and sent("/v1/chat/completions") == SHIPPED_REQUESTS - chats
+    assert sum(turns) == 2 * chats
+    problems = [
+        line
+        for line in shipped_stack.log()[log_start:].splitlines()
+        if " WARNING " in line or " ERROR " in line or "Traceback" in line or line.startswith(("E1", "W1"))
+    ]
+    assert not problems, problems[:5]
+    log.info("soak on the shipped stack: %d requests in %.1f s", SHIPPED_REQUESTS, elapsed)

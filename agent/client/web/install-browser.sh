@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Debian's Chromium for the web UI's Playwright tests (idempotent; `make test` calls it).
-# Never `playwright install`: it downloads browsers from the internet and fails offline (docs/ENVIRONMENT.md).
+# Never `playwright install`: it downloads browsers from the internet and fails offline (docs/environment.md).
 # fonts-dejavu-core is named so that screenshots look the same on every machine.
 set -euo pipefail
 

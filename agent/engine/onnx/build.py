@@ -155,8 +155,7 @@ def _run_builder(folder: Path, tmp: Path, options: OnnxBuildOptions) -> None:
     log.info("building the %s ONNX model from %s (once; ~15 s) ...", options.tag, folder.name)
     tail: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout or ():  # never None: stdout=PIPE
             line = line.rstrip()
             tail = (tail + [line])[-20:]
             # The quantizer logs one line per node: keep those at DEBUG, show the builder's own milestones.

@@ -35,9 +35,10 @@ from agent.engine.errors import (
 from agent.engine.onnx.build import OnnxBuildOptions, ensure_onnx_model, precision_for
 from agent.engine.onnx.kv import KvPool, KvShape, PrefixCache
 from agent.engine.onnx.runner import DecoderRunner
-from agent.engine.onnx.scheduler import OnnxScheduler, SchedulerLimits, Sequence
+from agent.engine.onnx.scheduler import OnnxScheduler, OnnxSequence, SchedulerLimits
 from agent.engine.prompt import render_prompt
 from agent.engine.spec import EngineSpec
+from agent.engine.structured.grammar import GrammarCache, GrammarLimits, LazyGrammarCache
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ DEFAULT_ACCURACY_LEVEL: int | None = None
 
 
 @dataclass
-class _Loaded:
+class _OnnxModel:
     """Everything `start()` loads; None before start and after shutdown."""
 
     tokenizer: Any  # the model folder's Hugging Face tokenizer: chat template, encoding, decoding
@@ -56,6 +57,7 @@ class _Loaded:
     context_length: int
     eos_ids: frozenset[int]
     scheduler: OnnxScheduler
+    grammars: LazyGrammarCache
 
 
 class OnnxEngine(Engine):
@@ -74,7 +76,7 @@ class OnnxEngine(Engine):
         self.threads = threads or usable_cores()
         self._accuracy_level = accuracy_level
         self._prefill_tokens = prefill_tokens
-        self._loaded: _Loaded | None = None
+        self._loaded: _OnnxModel | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -90,7 +92,7 @@ class OnnxEngine(Engine):
         self._loaded = await asyncio.to_thread(self._load, options)
         log.info("ONNX engine ready in %.1f s (%s, %d threads)", time.monotonic() - started, options.tag, self.threads)
 
-    def _load(self, options: OnnxBuildOptions) -> _Loaded:
+    def _load(self, options: OnnxBuildOptions) -> _OnnxModel:
         from transformers import AutoTokenizer
 
         path = ensure_onnx_model(self.spec.folder, self.spec.cache_dir, options)
@@ -116,18 +118,27 @@ class OnnxEngine(Engine):
         scheduler = OnnxScheduler(runner, prefixes, limits=limits, stats=self.stats)
         scheduler.start()
         eos = genai["eos_token_id"]
-        return _Loaded(
+        eos_ids = frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+        grammars = LazyGrammarCache(
+            tokenizer,
+            vocab_size=int(genai["vocab_size"]),  # the logits' width
+            stop_token_ids=eos_ids,
+            limits=GrammarLimits(self.spec.grammar_cache_size, self.spec.grammar_compile_timeout_s),
+        )
+        return _OnnxModel(
             tokenizer=tokenizer,
             onnx_path=path,
             context_length=context_length,
-            eos_ids=frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos])),
+            eos_ids=eos_ids,
             scheduler=scheduler,
+            grammars=grammars,
         )
 
     async def shutdown(self) -> None:
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             await asyncio.to_thread(loaded.scheduler.stop)
+            loaded.grammars.close()
 
     async def health(self) -> bool:
         return self._loaded is not None and self._loaded.scheduler.alive
@@ -146,6 +157,12 @@ class OnnxEngine(Engine):
             quantization=self.spec.quantization.value,
         )
 
+    def grammar_cache(self) -> GrammarCache:
+        """The structured-output grammars compiled for this model (built on first use: blocking)."""
+        if self._loaded is None:
+            raise NotReadyError("the ONNX engine is not started", retry_after=5)
+        return self._loaded.grammars.cache()
+
     @property
     def onnx_path(self) -> Path | None:
         """The cached ONNX model folder in use (None before start)."""
@@ -161,6 +178,9 @@ class OnnxEngine(Engine):
         if loaded is None or not loaded.scheduler.alive:
             raise NotReadyError("the ONNX engine is not started", retry_after=5)
         seq, queue = self._sequence(loaded, request)
+        seq.grammar = await loaded.grammars.state(request.sampling.constraint)
+        if seq.grammar is not None:
+            seq.min_new_tokens = 0  # a completed grammar ends the answer (see Sequence)
         loaded.scheduler.submit(seq)
         finished = False
         try:
@@ -174,7 +194,7 @@ class OnnxEngine(Engine):
             if not finished:  # the caller closed the stream early (client gone): free the request's row
                 loaded.scheduler.abort(request.request_id)
 
-    def _sequence(self, loaded: _Loaded, request: GenerationRequest) -> tuple[Sequence, asyncio.Queue]:
+    def _sequence(self, loaded: _OnnxModel, request: GenerationRequest) -> tuple[OnnxSequence, asyncio.Queue]:
         sampling = request.sampling
         if request.images:
             raise UnsupportedInputError(f"{self.spec.name} is a text-only model (no vision): it cannot see images")
@@ -182,7 +202,7 @@ class OnnxEngine(Engine):
             raise InvalidRequestError("max_new_tokens must be at least 1")
         if not 0.0 < sampling.top_p <= 1.0:
             raise InvalidRequestError("top_p must be in (0, 1]")
-        prompt = render_prompt(loaded.tokenizer, request.messages, vision=False)
+        prompt = render_prompt(loaded.tokenizer, request.messages, vision=False, tools=request.tools)
         prompt_ids = np.asarray(loaded.tokenizer.encode(prompt, add_special_tokens=False), dtype=np.int64)
         room = loaded.context_length - len(prompt_ids)
         if room < 1:
@@ -197,7 +217,7 @@ class OnnxEngine(Engine):
             if not loop.is_closed():
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        seq = Sequence(
+        seq = OnnxSequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
             sampling=sampling,

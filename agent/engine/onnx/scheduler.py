@@ -34,6 +34,7 @@ from agent.engine.onnx.kv import KvPool, PrefixCache
 from agent.engine.onnx.runner import DecoderRunner
 from agent.engine.onnx.sampling import choose_token
 from agent.engine.scheduler_thread import SchedulerThread
+from agent.engine.structured.grammar import GrammarState, apply_masks
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ _MIN_CHUNK = 32  # a new prefill starts only with at least this much of the step
 
 
 @dataclass(eq=False)
-class Sequence:
+class OnnxSequence:
     """One request inside the scheduler: its prompt, what it generated so far, and where its chunks go."""
 
     request_id: str
@@ -58,10 +59,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     on_finish: Callable[[], None] | None = None  # runs before the final chunk is sent (keeps stats exact)
     cached: int = 0  # tokens of this sequence in its KV row
+    grammar: GrammarState | None = None  # structured output: the request's matcher (agent.engine.structured)
 
     def __post_init__(self) -> None:
         self._stops = StopMatcher(self.sampling.stop)
-        self.min_new_tokens = self.max_new_tokens if self.sampling.ignore_eos else 0
+        # A grammar decides itself when the end token may come (ignore_eos cannot outlast a completed grammar).
+        self.min_new_tokens = self.max_new_tokens if self.sampling.ignore_eos and self.grammar is None else 0
 
     @property
     def finished(self) -> bool:
@@ -79,6 +82,10 @@ class Sequence:
         """Take one generated token: stream its text, and finish on EOS, a stop string or the length limit."""
         self.generated.append(token)
         count = len(self.generated)
+        if self.grammar is not None and not self.grammar.accept(token):
+            log.error("request %s: token %d is outside its grammar; ending it", self.request_id, token)
+            self.finish("stop", self._stops.flush())
+            return
         if token in self.eos_ids and count > self.min_new_tokens:
             self.finish("stop", self._stops.flush())
             return
@@ -108,13 +115,14 @@ class Sequence:
         self.sink(GenerationChunk(self.request_id, text, len(self.prompt_ids), len(self.generated), reason))
 
 
-def choose_tokens(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
+def choose_tokens(logits: np.ndarray, seqs: list[OnnxSequence]) -> list[int]:
     """One token per row of `logits` ([n, vocab], edited in place): argmax for greedy rows (over the whole batch at
     once), per-row sampling for the others; banned ids (EOS before a minimum length) are never chosen."""
     for i, seq in enumerate(seqs):
         banned = seq.banned_tokens()
         if banned:
             logits[i, list(banned)] = -np.inf
+    apply_masks(logits, [s.grammar for s in seqs])  # structured-output rows only
     tokens = np.argmax(logits, axis=-1).tolist()
     for i, seq in enumerate(seqs):
         if not seq.sampling.greedy:
@@ -138,15 +146,15 @@ class OnnxScheduler(SchedulerThread):
         self.prefixes = prefixes
         self.limits = limits
         self.stats = stats
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i] owns pool row i
-        self.prefilling: Sequence | None = None  # a prompt being prefilled in chunks, in row len(running)
-        self._inbox: list[Sequence] = []
+        self.waiting: deque[OnnxSequence] = deque()
+        self.running: list[OnnxSequence] = []  # running[i] owns pool row i
+        self.prefilling: OnnxSequence | None = None  # a prompt being prefilled in chunks, in row len(running)
+        self._inbox: list[OnnxSequence] = []
         self._aborts: set[str] = set()
         super().__init__("onnx-scheduler")
 
     # --- called from other threads ------------------------------------------------------------------------------
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: OnnxSequence) -> None:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("scheduler stopped")
@@ -231,7 +239,8 @@ class OnnxScheduler(SchedulerThread):
         """Run up to `budget` more prompt tokens of `self.prefilling`; at its end, it joins the running batch with
         its first token. Returns the tokens computed."""
         seq, row = self.prefilling, len(self.running)
-        assert seq is not None
+        if seq is None:  # `_admit` starts one first: reaching here without one is a scheduler bug
+            raise RuntimeError("prefill step with no request prefilling")
         prompt = seq.prompt_ids
         end = min(len(prompt), seq.cached + budget)
         done = end - seq.cached
@@ -298,7 +307,7 @@ class OnnxScheduler(SchedulerThread):
         self.stats.running = sum(1 for s in self.running if not s.finished) + (self.prefilling is not None)
         self.stats.waiting = len(self.waiting) + len(self._inbox)
 
-    def _pending(self) -> list[Sequence]:
+    def _pending(self) -> list[OnnxSequence]:
         return [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]
 
     def _fail_all(self, exc: BaseException) -> None:

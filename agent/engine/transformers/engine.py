@@ -1,8 +1,9 @@
 """The transformers engine: a Hugging Face model served with our own continuous-batching scheduler.
 
 `TransformersEngine` is the async face (the `Engine` interface); the model lives on one worker thread
-(`agent.engine.transformers.scheduler.Scheduler`) that batches every concurrent request into shared forward passes. Loading
-rules (dtype, quantization, attention, vision processor) are in `agent.engine.transformers.loading`.
+(`agent.engine.transformers.scheduler.TransformersScheduler`) that batches every concurrent request into shared
+forward passes. Loading rules (dtype, quantization, attention, vision processor) are in
+`agent.engine.transformers.loading`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -25,12 +27,12 @@ from agent.engine.errors import (
     NotReadyError,
     UnsupportedInputError,
 )
-from agent.engine.transformers.loading import LoadedModel, load_model
-from agent.engine.transformers.scheduler import Scheduler
-from agent.engine.transformers.sequence import Outbox, PreparedPrompt
-from agent.engine.transformers.sequence import Sequence as SchedSequence
 from agent.engine.prompt import render_prompt
 from agent.engine.spec import EngineSpec
+from agent.engine.structured.grammar import GrammarCache, GrammarLimits, LazyGrammarCache
+from agent.engine.transformers.loading import LoadedModel, load_model
+from agent.engine.transformers.scheduler import TransformersScheduler
+from agent.engine.transformers.sequence import Outbox, PreparedPrompt, TransformersSequence
 from agent.engine.types import (
     EngineInfo,
     EngineStats,
@@ -53,7 +55,7 @@ class TransformersEngine(Engine):
         self.stats = EngineStats()
         self._on_step = on_step
         self._loaded: LoadedModel | None = None
-        self._scheduler: Scheduler | None = None
+        self._scheduler: TransformersScheduler | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -65,7 +67,13 @@ class TransformersEngine(Engine):
             # floating-point environment of their creator. See the scheduler's worker for the measured slowdown.
             torch.set_flush_denormal(True)
         self._loaded = await asyncio.to_thread(load_model, self.spec)
-        self._scheduler = Scheduler(
+        self._grammars = LazyGrammarCache(
+            self._loaded.tokenizer,
+            vocab_size=int(self._loaded.model.get_output_embeddings().weight.shape[0]),  # the logits' width
+            stop_token_ids=self._loaded.eos_token_ids,
+            limits=GrammarLimits(self.spec.grammar_cache_size, self.spec.grammar_compile_timeout_s),
+        )
+        self._scheduler = TransformersScheduler(
             self._loaded,
             device=self.spec.device,
             max_batch_size=self.spec.max_batch_size,
@@ -90,6 +98,9 @@ class TransformersEngine(Engine):
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
+        if self._grammars is not None:
+            self._grammars.close()
+            self._grammars = None
         self._loaded = None
         gc.collect()
         if torch.cuda.is_available():
@@ -111,16 +122,22 @@ class TransformersEngine(Engine):
             quantization=str(self.spec.quantization),
         )
 
+    def grammar_cache(self) -> GrammarCache:
+        """The structured-output grammars compiled for this model (built on first use: blocking)."""
+        if self._grammars is None:
+            raise NotReadyError("model not loaded", retry_after=5)
+        return self._grammars.cache()
+
     @property
     def recent_batch_sizes(self) -> list[int]:
         """Sequences per forward pass over the most recent steps (for a batch-size histogram)."""
         return list(self._scheduler.recent_batch_sizes) if self._scheduler else []
 
     # --- prompts -------------------------------------------------------------------------------------------
-    def prompt_for(self, messages: Sequence[Message]) -> str:
+    def prompt_for(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] = ()) -> str:
         """The exact prompt string the model sees for `messages` (the shared `render_prompt`)."""
         loaded = self._require_loaded()
-        return render_prompt(loaded.processor or loaded.tokenizer, messages, vision=loaded.is_vision)
+        return render_prompt(loaded.processor or loaded.tokenizer, messages, vision=loaded.is_vision, tools=tools)
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         """Tokenize (and, for vision models, process images of) a request. Blocking: CPU work."""
@@ -130,7 +147,7 @@ class TransformersEngine(Engine):
                 f"{self.spec.name} is text-only; load a vision-language model such as {VISION_EXAMPLE} "
                 "(POST /load_model) to send images"
             )
-        prompt = self.prompt_for(request.messages)
+        prompt = self.prompt_for(request.messages, request.tools)
         if loaded.processor is None:
             with loaded.tokenizer_lock:
                 ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -161,6 +178,7 @@ class TransformersEngine(Engine):
         if scheduler is None or loaded is None or not scheduler.alive:
             raise NotReadyError("model not loaded", retry_after=5)
         prompt = await asyncio.to_thread(self.prepare, request)
+        grammar = await self._grammars.state(request.sampling.constraint) if self._grammars else None
         room = loaded.context_length - prompt.length
         if room <= 0:
             raise InvalidRequestError(
@@ -168,7 +186,7 @@ class TransformersEngine(Engine):
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        seq = SchedSequence(
+        seq = TransformersSequence(
             request_id=request.request_id,
             prompt=prompt,
             sampling=request.sampling,
@@ -176,6 +194,7 @@ class TransformersEngine(Engine):
             outbox=Outbox(loop, queue),
             detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt.input_ids),
             stop=StopMatcher(request.sampling.stop),
+            grammar=grammar,
         )
         scheduler.submit(seq)
         finished = False

@@ -32,11 +32,12 @@ from typing import Any
 import torch
 
 from agent.engine.errors import EngineFailure
+from agent.engine.scheduler_thread import SchedulerThread
+from agent.engine.structured.grammar import apply_masks
 from agent.engine.transformers.batch import BatchState, check_mergeable, mrope_positions, text_positions
 from agent.engine.transformers.loading import LoadedModel
 from agent.engine.transformers.sampling import sample_tokens
-from agent.engine.transformers.sequence import Item, Outbox, Sequence, send_all
-from agent.engine.scheduler_thread import SchedulerThread
+from agent.engine.transformers.sequence import Item, Outbox, TransformersSequence, send_all
 from agent.engine.types import EngineStats
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ MAX_PREFILL_TOKENS = 8192
 RECENT_BATCH_SIZES = 1024
 
 
-class Scheduler(SchedulerThread):
+class TransformersScheduler(SchedulerThread):
     """Owns the model while running: every forward pass happens on its thread."""
 
     def __init__(
@@ -65,16 +66,16 @@ class Scheduler(SchedulerThread):
         self.stats = stats
         self.on_step = on_step
         self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=RECENT_BATCH_SIZES)
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting: collections.deque[TransformersSequence] = collections.deque()
         self._aborted: set[str] = set()
         self._live: set[str] = set()  # ids submitted and not yet finished (abort ignores any other id)
-        self._admitted: list[Sequence] = []  # being prefilled (neither waiting nor running)
-        self._running: list[Sequence] = []
+        self._admitted: list[TransformersSequence] = []  # being prefilled (neither waiting nor running)
+        self._running: list[TransformersSequence] = []
         self._batch: BatchState | None = None
         super().__init__("transformers-engine")
 
     # --- called from the event loop ------------------------------------------------------------------------
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: TransformersSequence) -> None:
         with self._cond:
             if self._stopping:
                 raise EngineFailure("engine is shutting down")
@@ -122,10 +123,10 @@ class Scheduler(SchedulerThread):
             self._decode_step()
         self.stats.running = len(self._running)
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> list[TransformersSequence]:
         with self._cond:
             room = self._max_batch - len(self._running)
-            admitted: list[Sequence] = []
+            admitted: list[TransformersSequence] = []
             longest = 0
             while self._waiting and len(admitted) < room:
                 longest = max(longest, self._waiting[0].prompt.length)
@@ -161,7 +162,7 @@ class Scheduler(SchedulerThread):
             self._batch.select(rows)
         self.stats.running = len(self._running)
 
-    def _retire(self, seqs: list[Sequence]) -> None:
+    def _retire(self, seqs: list[TransformersSequence]) -> None:
         with self._cond:
             self._live.difference_update(s.request_id for s in seqs)
 
@@ -174,10 +175,11 @@ class Scheduler(SchedulerThread):
             except Exception:  # a metrics hook must never fail the requests in the batch
                 log.exception("on_step hook failed")
 
-    def _prefill_and_merge(self, seqs: list[Sequence]) -> None:
+    def _prefill_and_merge(self, seqs: list[TransformersSequence]) -> None:
         try:
             state, logits = self._prefill(seqs)
             check_mergeable(state.cache)
+            apply_masks(logits, [s.grammar for s in seqs])  # structured-output rows only
             tokens = sample_tokens(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
         except Exception as exc:
             self._fail(seqs, exc, "prefill")
@@ -199,10 +201,12 @@ class Scheduler(SchedulerThread):
 
     def _decode_step(self) -> None:
         batch = self._batch
-        assert batch is not None
+        if batch is None:  # nothing running: the loop only calls this with a batch
+            return
         try:
             out = self._loaded.model(**batch.decode_inputs(self._loaded.uses_mrope), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1, :].float().cpu()
+            apply_masks(logits, [s.grammar for s in self._running])  # structured-output rows only
             tokens = sample_tokens(logits, [s.sampling for s in self._running], [s.generator for s in self._running])
         except Exception as exc:
             # The shared cache may be half-updated: fail every running sequence, keep serving new ones.
@@ -216,7 +220,9 @@ class Scheduler(SchedulerThread):
             self._keep(live)
         send_all(sends)
 
-    def _stream(self, seqs: list[Sequence], tokens: torch.Tensor) -> tuple[list[int], list[tuple[Outbox, Item]]]:
+    def _stream(
+        self, seqs: list[TransformersSequence], tokens: torch.Tensor
+    ) -> tuple[list[int], list[tuple[Outbox, Item]]]:
         """Hand each sequence its token; return the indices of those still running and the emissions to send.
 
         Emissions are sent by the caller after the batch is updated, so a client that sees its final chunk also
@@ -235,7 +241,7 @@ class Scheduler(SchedulerThread):
         self._retire([s for i, s in enumerate(seqs) if i not in alive])
         return live, sends
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[BatchState, torch.Tensor]:
+    def _prefill(self, seqs: list[TransformersSequence]) -> tuple[BatchState, torch.Tensor]:
         """One forward pass over the left-padded prompts; returns their cache and last-position logits."""
         length = max(s.prompt.length for s in seqs)
         pad = self._loaded.tokenizer.pad_token_id or 0
@@ -260,7 +266,7 @@ class Scheduler(SchedulerThread):
         )
         return state, out.logits[:, -1, :].float().cpu()
 
-    def _vision_kwargs(self, seqs: list[Sequence], kwargs: dict[str, Any], length: int) -> torch.Tensor:
+    def _vision_kwargs(self, seqs: list[TransformersSequence], kwargs: dict[str, Any], length: int) -> torch.Tensor:
         """Add images and M-RoPE position ids to a prefill's kwargs; return each row's rope delta."""
         ids, mask, pos = kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"]
         with_images = [s for s in seqs if s.prompt.pixel_values is not None]
@@ -285,7 +291,7 @@ class Scheduler(SchedulerThread):
         )
         return delta.view(-1).to(torch.long)
 
-    def _fail(self, seqs: list[Sequence], exc: Exception, stage: str) -> None:
+    def _fail(self, seqs: list[TransformersSequence], exc: Exception, stage: str) -> None:
         ids = [s.request_id for s in seqs]
         log.error("transformers engine: %s failed for requests %s", stage, ids, exc_info=exc)
         self._retire(seqs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agent.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from agent.engine.structured.grammar import GrammarState
 from agent.engine.transformers.sampling import new_generator
 from agent.engine.types import FinishReason, GenerationChunk, SamplingParams
 
@@ -70,7 +71,7 @@ def send_all(pairs: list[tuple[Outbox, Item]]) -> None:
 
 
 @dataclass
-class Sequence:
+class TransformersSequence:
     """One request inside the scheduler."""
 
     request_id: str
@@ -80,6 +81,7 @@ class Sequence:
     outbox: Outbox
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
+    grammar: GrammarState | None = None  # structured output: the request's matcher (agent.engine.structured)
     generator: torch.Generator = field(init=False)
     generated: list[int] = field(default_factory=list)
 
@@ -96,7 +98,12 @@ class Sequence:
         """Take one sampled token; return the chunk to stream (None when there is no text yet and it goes on)."""
         self.generated.append(token)
         finish: FinishReason | None = None
-        if token in eos_ids and not self.sampling.ignore_eos:
+        if self.grammar is not None and not self.grammar.accept(token):
+            log.error("request %s: token %d is outside its grammar; ending it", self.request_id, token)
+            return self.chunk(self.stop.flush(), "stop")
+        # A completed grammar ends the answer (its end token is the only one it allows), ignore_eos or not.
+        done = self.grammar is not None and self.grammar.terminated
+        if token in eos_ids and (done or not self.sampling.ignore_eos):
             finish, text = "stop", self.stop.flush()
         else:
             text = self.stop.feed(self.detokenizer.push(token))

@@ -53,6 +53,7 @@ from agent.engine.types import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    OutputConstraint,
     SamplingParams,
 )
 
@@ -143,6 +144,9 @@ def engine_kwargs(spec: EngineSpec, *, quantization_methods: Sequence[str] | Non
         "max_num_seqs": spec.max_batch_size,
         "disable_log_stats": True,  # our stat logger still gets the stats; this only mutes vLLM's periodic log
         "limit_mm_per_prompt": {"image": MAX_IMAGES_PER_PROMPT, "video": 0},
+        # Structured output on xgrammar with compact JSON: the grammar the transformers and ONNX engines compile
+        # (agent.engine.structured.grammar), so every engine accepts the same texts for the same schema.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         # Qwen-VL processors take the pixel budget as size={shortest_edge, longest_edge} in pixels.
         "mm_processor_kwargs": {
             "size": {"shortest_edge": spec.image_min_pixels, "longest_edge": spec.image_max_pixels}
@@ -160,15 +164,29 @@ def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
     """Our sampling parameters -> vLLM `SamplingParams` keyword arguments (streaming deltas)."""
     from vllm.sampling_params import RequestOutputKind
 
-    return {
+    kwargs = {
         "max_tokens": sampling.max_new_tokens,
         "temperature": 0.0 if sampling.greedy else sampling.temperature,
         "top_p": 1.0 if sampling.greedy else sampling.top_p,
         "seed": sampling.seed,
         "stop": list(sampling.stop) or None,
-        "ignore_eos": sampling.ignore_eos,
+        # A completed grammar ends the answer, ignore_eos or not (as in our own engines' schedulers).
+        "ignore_eos": sampling.ignore_eos and sampling.constraint is None,
         "output_kind": RequestOutputKind.DELTA,
     }
+    if sampling.constraint is not None:
+        kwargs["structured_outputs"] = structured_outputs(sampling.constraint)
+    return kwargs
+
+
+def structured_outputs(constraint: OutputConstraint) -> Any:
+    """Our constraint -> vLLM's `StructuredOutputsParams` (compiled by vLLM's xgrammar backend, compact JSON: see
+    `engine_kwargs`)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=constraint.schema)
 
 
 def finish_reason(reason: str | None) -> FinishReason | None:
@@ -231,9 +249,11 @@ class VllmEngine(Engine):
         log.info("vLLM engine ready: %s (%s, %s)", self.spec.name, self.spec.device, kwargs["dtype"])
 
     def _build(self, kwargs: dict[str, Any]) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        kwargs = {**kwargs, "structured_outputs_config": StructuredOutputsConfig(**kwargs["structured_outputs_config"])}
         try:
             vllm_config = AsyncEngineArgs(**kwargs).create_engine_config()
         except Exception as exc:  # unsupported architecture, bad config, quantization mismatch ...
@@ -298,7 +318,7 @@ class VllmEngine(Engine):
         images = request.images
         if images and not self._vision:
             raise UnsupportedInputError(f"{self.spec.name} is a text-only model (no vision): it cannot see images")
-        text = render_prompt(self._renderer, request.messages, vision=self._vision)
+        text = render_prompt(self._renderer, request.messages, vision=self._vision, tools=request.tools)
         prompt: dict[str, Any] = {"prompt": text}
         if images:
             prompt["multi_modal_data"] = {"image": images}

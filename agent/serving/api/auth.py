@@ -10,24 +10,29 @@ With keys set, every request needs `Authorization: Bearer <key>` except:
 A refused request gets 401 `unauthorized` in the usual JSON error shape with `WWW-Authenticate: Bearer`. Keys are
 compared as SHA-256 digests with `hmac.compare_digest` against every configured key, so neither the timing nor the
 number of comparisons depends on how much of a guess was right.
+
+Each key belongs to a principal (agent.serving.api.principals: API_KEYS are admins, API_KEYS_FILE names learners
+and admins); the middleware puts the caller's principal in the request's state (`request.state.principal`), read
+by the routes through `PrincipalDep`. Without any key configured the caller is the one local admin.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import html
 import logging
 from collections.abc import Sequence
 from http.cookies import SimpleCookie
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import parse_qs, urlsplit
 
+from fastapi import Depends, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent.engine.errors import EngineError
 from agent.serving.api.errors import engine_error_payload
+from agent.serving.api.principals import ANONYMOUS, LOCAL_ADMIN, KeyRing, Principal, Role, digest
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +50,27 @@ class UnauthorizedError(EngineError):
     status, code = 401, "unauthorized"
 
 
-class ApiKeys:
-    """The configured keys, kept only as SHA-256 digests; `check` compares in constant time."""
+class ApiKeys(KeyRing):
+    """Plain keys (API_KEYS), all admins of the principal `local`; `check` compares in constant time."""
 
     def __init__(self, keys: Sequence[str]) -> None:
-        self._digests = [_digest(k) for k in keys if k]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
-
-    def check(self, candidate: str | None) -> bool:
-        """True if `candidate` is one of the keys. Every key is compared (no early exit)."""
-        if not candidate or not self._digests:
-            return False
-        digest = _digest(candidate)
-        matched = False
-        for ref in self._digests:
-            matched |= hmac.compare_digest(digest, ref)
-        return matched
+        super().__init__([(digest(k), LOCAL_ADMIN) for k in keys if k])
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+def get_principal(request: Request) -> Principal:
+    """The caller (set by `AuthMiddleware`; the local admin when no key is configured)."""
+    return getattr(request.state, "principal", LOCAL_ADMIN)
+
+
+def get_admin(request: Request) -> Principal:
+    """The caller, who must be an admin (403 naming the role otherwise)."""
+    principal = get_principal(request)
+    principal.require(Role.admin, f"{request.method} {request.url.path}")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[Principal, Depends(get_admin)]
 
 
 def path_is_public(path: str, public_paths: Sequence[str]) -> bool:
@@ -84,14 +87,18 @@ def path_is_public(path: str, public_paths: Sequence[str]) -> bool:
 class AuthMiddleware:
     """Refuse requests without a valid key (see the module docstring); serve /login and /logout."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, public_paths: Sequence[str], web_dir: Path | None) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, public_paths: Sequence[str], web_dir: Path | None) -> None:
         self.app = app
         self.keys = keys
         self.public_paths = tuple(public_paths)
         self.web_dir = web_dir.resolve() if web_dir is not None and web_dir.is_dir() else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self.keys.enabled:
+            scope.setdefault("state", {})["principal"] = LOCAL_ADMIN
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
@@ -104,7 +111,9 @@ class AuthMiddleware:
             response.delete_cookie(COOKIE_NAME, path="/")
             await response(scope, receive, send)
             return
-        if self._authorized(scope) or path_is_public(path, self.public_paths):
+        principal = self._principal(scope)
+        if principal is not None or path_is_public(path, self.public_paths):
+            scope.setdefault("state", {})["principal"] = principal or ANONYMOUS
             await self.app(scope, receive, send)
             return
         if method in ("GET", "HEAD") and self._is_web_asset(path):
@@ -115,7 +124,7 @@ class AuthMiddleware:
             return
         await _unauthorized()(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _principal(self, scope: Scope) -> Principal | None:
         header, cookie = None, None
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
@@ -124,8 +133,9 @@ class AuthMiddleware:
             elif name == b"cookie":
                 morsel = SimpleCookie(value.decode("latin-1")).get(COOKIE_NAME)
                 cookie = morsel.value if morsel is not None else cookie
-        # Both are checked: a stale cookie must not hide a valid header (or the reverse).
-        return self.keys.check(header) | self.keys.check(cookie)
+        # Both are checked: a stale cookie must not hide a valid header (or the reverse); the header wins.
+        from_header, from_cookie = self.keys.lookup(header), self.keys.lookup(cookie)
+        return from_header or from_cookie
 
     def _is_web_asset(self, path: str) -> bool:
         if self.web_dir is None:

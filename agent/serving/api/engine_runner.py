@@ -4,8 +4,8 @@
   429 beyond; 503 while the first model loads). Closing the stream early (client gone) aborts the engine request.
 - `load_model`: builds a new engine with `agent.serving.model_loader.load_engine`, swaps it in atomically; requests
   in flight finish on the old engine, which is shut down when its last request ends. Loads are serialized; a failed
-  load raises `ModelLoadError` (422) and leaves the current engine serving. In gateway mode (the engine is a Triton
-  client) the Triton model gets a new version instead (agent.serving.triton.versions).
+  load raises `ModelLoadError` (422) and leaves the current engine serving. An engine that loads models itself
+  (`Engine.load_model`: the Triton gateway gives the Triton model a new version) is asked first and kept.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Admission:
 
 
 @dataclass
-class _Loaded:
+class _ServingEngine:
     """An engine and the requests using it; a retired engine is shut down when its last request ends."""
 
     engine: Engine
@@ -132,12 +132,12 @@ class EngineRunner:
         self.observer: GenerationObserver = observer or _NoObserver()
         self._loader = loader or _default_loader
         # An injected engine (tests, embedding apps) is already started and is never shut down by us.
-        self._current = _Loaded(engine, owned=False) if engine is not None else None
+        self._current = _ServingEngine(engine, owned=False) if engine is not None else None
         self._load_error: str | None = None
         self._swap_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._load_task: asyncio.Task[None] | None = None
-        self._retired: list[_Loaded] = []  # replaced engines still finishing requests
+        self._retired: list[_ServingEngine] = []  # replaced engines still finishing requests
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -158,7 +158,7 @@ class EngineRunner:
                 self._load_error = _describe_load_failure(exc)
                 log.error("model failed to load: %s (POST /load_model to try another)", self._load_error)
                 return
-            self._current = _Loaded(engine, owned=True)
+            self._current = _ServingEngine(engine, owned=True)
             log.info("model ready: %s in %.1f s", engine.info().model_name, time.monotonic() - started)
 
     async def shutdown(self) -> None:
@@ -196,9 +196,7 @@ class EngineRunner:
 
     async def versions(self) -> dict[str, Any] | None:
         """Gateway mode: the Triton model's versions and the default one (None for an in-process engine)."""
-        from agent.serving.triton.versions import gateway_versions
-
-        return await gateway_versions(self._current.engine) if self._current is not None else None
+        return await self._current.engine.model_versions() if self._current is not None else None
 
     def current_stats(self) -> EngineStats | None:
         """The current engine's live counters (None while loading)."""
@@ -214,9 +212,7 @@ class EngineRunner:
         async with self._swap_lock:
             if self._current is not None:
                 # Gateway mode: Triton gets a new model version and this engine stays (docs/versioning.md).
-                from agent.serving.triton.versions import load_through_gateway
-
-                info = await load_through_gateway(self._current.engine, changes)
+                info = await self._current.engine.load_model(changes)
                 if info is not None:
                     return info
             settings = self.settings.model_copy(update=changes)
@@ -227,7 +223,7 @@ class EngineRunner:
                 reason = _describe_load_failure(exc)
                 log.warning("load_model %s failed: %s", changes, reason, exc_info=not isinstance(exc, EngineError))
                 raise ModelLoadError(reason) from exc
-            old, self._current = self._current, _Loaded(engine, owned=True)
+            old, self._current = self._current, _ServingEngine(engine, owned=True)
             self.settings, self._load_error = settings, None
             log.info("model swapped in: %s in %.1f s", engine.info().model_name, time.monotonic() - started)
             if old is not None:
@@ -236,7 +232,7 @@ class EngineRunner:
                 self._release_if_idle(old)
             return engine.info()
 
-    def _require_loaded(self) -> _Loaded:
+    def _require_loaded(self) -> _ServingEngine:
         if self._current is None:
             detail = f"model failed to load: {self._load_error}" if self._load_error else "model is loading"
             raise NotReadyError(detail, retry_after=LOADING_RETRY_AFTER)
@@ -252,7 +248,7 @@ class EngineRunner:
             loaded.active -= 1
             self._release_if_idle(loaded)
 
-    def _release_if_idle(self, loaded: _Loaded) -> None:
+    def _release_if_idle(self, loaded: _ServingEngine) -> None:
         if loaded.retired and loaded.active == 0 and loaded in self._retired:
             self._retired.remove(loaded)
             if not loaded.owned:

@@ -31,12 +31,6 @@ _SAFE_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 _HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-class ValidationFailedError(EngineError):
-    """A value outside a limit only known at run time (e.g. max tokens above MAX_NEW_TOKENS)."""
-
-    status, code = 422, "validation_error"
-
-
 class ClientDisconnectedError(Exception):
     """The client went away before its answer was ready (the work was cancelled; nobody reads the response)."""
 
@@ -74,14 +68,16 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
 
 
 async def _engine_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, EngineError)
+    if not isinstance(exc, EngineError):  # registered for EngineError only; anything else is not ours to dress up
+        raise exc
     if exc.status >= 500 and exc.status != 503:
         log.error("request %s: %s: %s", request_id(request), exc.code, exc.message, exc_info=exc)
     return error_response(exc)
 
 
 async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):
+        raise exc
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
@@ -97,7 +93,8 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
+    if not isinstance(exc, StarletteHTTPException):
+        raise exc
     code = _HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "engine_failure")
     return JSONResponse(
         error_payload(exc.status_code, code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers

@@ -1,7 +1,8 @@
 """The subset of OpenAI's Chat Completions API that newbie-app serves (`/v1/chat/completions`, `/v1/models`).
 
-Request fields we do not support (tools, logprobs, n > 1, ...) are refused with 400 rather than silently ignored;
-unknown fields are ignored, as OpenAI clients add new ones over time.
+Request fields we do not support (logprobs, n > 1, ...) are refused with 400 rather than silently ignored;
+unknown fields are ignored, as OpenAI clients add new ones over time. `response_format`, `tools` and `tool_choice` are
+checked by agent.serving.api.openai_structured (400 naming the problem).
 """
 
 from __future__ import annotations
@@ -31,10 +32,25 @@ class ImageContent(BaseModel):
 ContentPart = Annotated[TextContent | ImageContent, Field(discriminator="type")]
 
 
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCallIn(BaseModel):
+    """An earlier assistant turn's tool call, sent back by the client."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant turns: the tools it called")
+    tool_call_id: str | None = Field(None, description="role tool: the call this result answers")
 
     @field_validator("content")
     @classmethod
@@ -56,27 +72,19 @@ class ChatCompletionRequest(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    stop: Text | list[Text] | None = None
+    stop: Text | list[Text] | None = Field(None, description="up to 4 non-empty strings of at most MAX_STOP_CHARS")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: generate exactly max_tokens (benchmarks)")
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    tools: list[Any] | None = Field(None, description="not supported")
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop sequences")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise ValueError("tool calling is not supported")
-        return value
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text' | 'json_object' | 'json_schema', 'json_schema': {name, schema, strict}}"
+    )
+    tools: list[dict[str, Any]] | None = Field(None, description="function tools the model may call")
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description="'auto' (default with tools), 'none', 'required', or {'type': 'function', 'function': {name}}"
+    )
+    parallel_tool_calls: bool = Field(True, description="false: at most one tool call per answer")
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -93,9 +101,21 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class Choice(BaseModel):
@@ -114,9 +134,24 @@ class ChatCompletion(BaseModel):
     usage: UsageInfo
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """OpenAI's streamed tool call: `index` says which call a delta extends; the first delta carries id and name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

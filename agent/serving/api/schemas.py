@@ -1,7 +1,8 @@
 """Request and response bodies of the seed's routes and the session routes (docs/api.md, "Door 1").
 
-Static bounds live here (pydantic -> 422); limits that depend on settings are checked by `sampling_params`
-(MAX_NEW_TOKENS, 422) and by the chat service (MAX_MESSAGE_CHARS, 413).
+Shapes and types live here (pydantic -> 422); the request rules (ranges, MAX_NEW_TOKENS, stop strings, message
+size, image count) are `agent.engine.limits`', the same at the Triton door: the sampling types only document their
+ranges in the OpenAPI schema, and `ChatRequest.sampling` applies the rules (422).
 """
 
 from __future__ import annotations
@@ -11,52 +12,40 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from agent.config import Attention, Device, DType, LoadingStrategy, Quantization, Settings
+from agent.config import Attention, Device, DType, LoadingStrategy, Quantization
+from agent.engine import limits
 from agent.engine.types import EngineInfo, SamplingParams
-from agent.serving.api.errors import ValidationFailedError
 from agent.serving.api.history_store import SessionSummary, StoredTurn
 from agent.serving.inference_engine import ChatReply
 
 
 def valid_unicode(value: str) -> str:
     """Refuse lone UTF-16 surrogates (JSON allows `"\\ud800"`): they cannot be stored, tokenized or sent back."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"invalid Unicode (a lone surrogate at character {exc.start})") from None
+    problem = limits.unicode_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
 Text = Annotated[str, AfterValidator(valid_unicode)]
 SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.:-]+$", examples=["default"])]
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy; default TEMPERATURE")]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, description="default TOP_P")]
-MaxTokens = Annotated[int, Field(ge=1, description="at most MAX_NEW_TOKENS (its default)")]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-
-
-def sampling_params(
-    settings: Settings,
-    *,
-    max_new_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    seed: int | None,
-    stop: tuple[str, ...] = (),
-    ignore_eos: bool = False,
-    field: str = "max_new_tokens",
-) -> SamplingParams:
-    """Sampling for one request: the request's values within the server's limits, else the settings' defaults."""
-    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens:
-        raise ValidationFailedError(f"{field}: {max_new_tokens} is more than MAX_NEW_TOKENS={settings.max_new_tokens}")
-    return SamplingParams(
-        max_new_tokens=max_new_tokens or settings.max_new_tokens,
-        temperature=settings.temperature if temperature is None else temperature,
-        top_p=settings.top_p if top_p is None else top_p,
-        seed=seed,
-        stop=stop,
-        ignore_eos=ignore_eos,
-    )
+# Ranges are checked by agent.engine.limits (the same rule and message at both doors); here they only document.
+Temperature = Annotated[
+    float,
+    Field(
+        description="0 = greedy; default TEMPERATURE",
+        json_schema_extra={"minimum": limits.TEMPERATURE_RANGE[0], "maximum": limits.TEMPERATURE_RANGE[1]},
+    ),
+]
+TopP = Annotated[
+    float,
+    Field(
+        description="default TOP_P",
+        json_schema_extra={"exclusiveMinimum": limits.TOP_P_RANGE[0], "maximum": limits.TOP_P_RANGE[1]},
+    ),
+]
+MaxTokens = Annotated[int, Field(description="at most MAX_NEW_TOKENS (its default)", json_schema_extra={"minimum": 1})]
+Seed = Annotated[int, Field(description="0 to 2**63-1", json_schema_extra={"minimum": limits.SEED_RANGE[0]})]
 
 
 class ChatRequest(BaseModel):
@@ -78,13 +67,15 @@ class ChatRequest(BaseModel):
             raise ValueError("must not be empty")
         return value
 
-    def sampling(self, settings: Settings) -> SamplingParams:
-        return sampling_params(
-            settings,
-            max_new_tokens=self.max_new_tokens,
+    def sampling(self, rules: limits.RequestLimits) -> SamplingParams:
+        """The request's sampling values checked against the request rules (422), defaults filled in."""
+        return limits.sampling_params(
+            rules,
+            max_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
+            max_tokens_name="max_new_tokens",
         )
 
 
@@ -188,6 +179,7 @@ class SessionOut(BaseModel):
     title: str = Field(description="the session's first message, shortened")
     turns: int = Field(description="user + assistant pairs")
     updated_at: float = Field(description="Unix time")
+    owner: str = Field("local", description="the principal the session belongs to")
 
     @classmethod
     def of(cls, session: SessionSummary) -> SessionOut:

@@ -25,17 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import LoadingStrategy, Settings, SettingsError, load_settings
-from agent.engine.base import Engine
+from agent.engine.base import Engine, stream_ended_early
 from agent.engine.errors import EngineError, EngineFailure, InvalidRequestError, ModelLoadError, NotReadyError
 from agent.engine.types import new_request_id
 from agent.serving.triton import protocol as proto
-from agent.serving.triton.repository import read_version_file
+from agent.serving.triton.admission import RequestGate, TrackedSender
 from agent.serving.triton.metrics import ModelMetrics
+from agent.serving.triton.repository import read_version_file
 
 log = logging.getLogger(__name__)
 
 CANCEL_CHECK_INTERVAL = 0.2  # s; checking on every token cost ~10 % throughput at 1 concurrent (measured)
-DRAIN_TIMEOUT = 30.0  # s finalize waits for in-flight requests before aborting them
+ENGINE_SHUTDOWN_TIMEOUT = 30.0  # s finalize waits for the engine to stop (vLLM: 11-13 s on CPU, measured)
 STATS_INTERVAL = 0.5  # s between copies of the engine's own running/waiting counts into metrics
 PROMPT_LOG_ENV = "NEWBIE_TRITON_PROMPT_LOG"  # debug: append each decoded request's rendered prompt (JSONL) here
 
@@ -71,8 +72,9 @@ class TritonBackend:
         self.metrics: ModelMetrics | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
-        self._lock = threading.Lock()
+        # At most MAX_CONCURRENT_REQUESTS running + MAX_QUEUE waiting; drains at shutdown (triton/admission.py)
+        self.gate = RequestGate()
+        self._watch_task: Any = None
         self._accepting = True
         self._running = 0  # touched only on the loop thread
         self._prompt_log = os.environ.get(PROMPT_LOG_ENV) or None
@@ -85,9 +87,13 @@ class TritonBackend:
         version_folder = Path(args["model_repository"]) / args["model_version"]
         settings = settings_from_parameters(config.get("parameters", {}), read_version_file(version_folder))
         self.limits = proto.RequestLimits.from_settings(settings)
+        self.gate = RequestGate(
+            settings.max_concurrent_requests, settings.max_queue, settings.graceful_shutdown_seconds
+        )
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.metrics = ModelMetrics.create(self.pb, labels)
         self._thread.start()
+        self._watch_task = asyncio.run_coroutine_threadsafe(self.gate.watch(), self.loop)
         from agent.serving.model_loader import load_engine
 
         started = time.monotonic()
@@ -113,38 +119,66 @@ class TritonBackend:
                 log.exception("decoding request failed")
                 self._send_error(sender, EngineFailure(f"{type(exc).__name__}: {exc}"))
                 continue
-            future = asyncio.run_coroutine_threadsafe(self._serve(decoded, sender), self.loop)
-            with self._lock:
-                self._inflight[decoded.request.request_id] = future
-            future.add_done_callback(lambda _f, rid=decoded.request.request_id: self._forget(rid))
+            self._schedule(decoded, sender)
         return None
 
     def finalize(self) -> None:
-        """Let in-flight requests finish (up to DRAIN_TIMEOUT), abort the rest, shut the engine down."""
+        """Refuse new requests, let in-flight ones finish for up to GRACEFUL_SHUTDOWN_SECONDS, cancel the rest (each
+        gets a final error response and its engine request is aborted), then shut the engine down."""
         self._accepting = False
         if self.metrics is not None and self.metrics.info is not None:
             self.metrics.info.set(0)  # a replacing instance publishes its own info; readers take the one at 1
-        log.info("finalize: draining %d in-flight request(s)", len(self._inflight))
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.1)
-        log.info("finalize: %d request(s) left after draining", len(self._inflight))
+        self.gate.stop_accepting()
+        log.info("finalize: draining %d in-flight request(s)", self.gate.inflight)
+        left = self.gate.drain(self.gate.grace + 5.0)  # the watch cancels what is left at the grace deadline
+        if left:
+            log.warning("finalize: %d request(s) still open after the grace period", left)
+        for task in (self._watch_task, self._stats_task):
+            if task is not None:
+                task.cancel()
         if self.engine is not None:
-            for rid in list(self._inflight):
-                asyncio.run_coroutine_threadsafe(self.engine.abort(rid), self.loop).result(5)
-            if self._stats_task is not None:
-                self._stats_task.cancel()
             try:
-                asyncio.run_coroutine_threadsafe(self.engine.shutdown(), self.loop).result(60)
+                asyncio.run_coroutine_threadsafe(self.engine.shutdown(), self.loop).result(ENGINE_SHUTDOWN_TIMEOUT)
             except Exception:
                 log.exception("engine shutdown failed")
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
+    def _schedule(self, decoded: proto.DecodedRequest, sender: Any) -> None:
+        """Admit the request (or refuse it at once: 429 when full, 503 while draining) and hand it to the loop."""
+        request_id = decoded.request.request_id
+        tracked = TrackedSender(sender, self._final)
+        refusal = self.gate.admit(request_id, tracked)
+        if refusal is not None:
+            self._send_error(tracked, refusal)
+            return
+        future = asyncio.run_coroutine_threadsafe(self._guarded(decoded, tracked), self.loop)
+        self.gate.track(request_id, future)
+
+    async def _guarded(self, decoded: proto.DecodedRequest, sender: TrackedSender) -> None:
+        """Serve once a slot is free. Cancelled (client gone, or the grace period over while draining): the engine
+        request is aborted by closing its stream, and the sender still gets its final response."""
+        try:
+            await self.gate.run(decoded.request.request_id, lambda: self._serve(decoded, sender))
+        except asyncio.CancelledError:
+            if not sender.finished:
+                if sender.is_cancelled():
+                    if self.metrics is not None:
+                        self.metrics.aborted.increment(1)
+                    try:
+                        sender.send(flags=self._final)
+                    except Exception:  # the stream is already gone: nothing left to close
+                        log.debug("could not close cancelled request %s", decoded.request.request_id, exc_info=True)
+                else:
+                    message = f"server shutting down: not finished within GRACEFUL_SHUTDOWN_SECONDS={self.gate.grace:g}"
+                    self._send_error(sender, NotReadyError(message, retry_after=1.0))
+            raise
+
     # ----------------------------------------------------------------------------------------------- requests
     def _decode(self, request: Any) -> proto.DecodedRequest:
         if not self._accepting:
             raise NotReadyError("model is unloading", retry_after=1.0)
+        self._started()  # 503 rather than a request that could never be served
         pb = self.pb
 
         def get(name: str) -> Any:
@@ -157,14 +191,18 @@ class TritonBackend:
         # Client ids need not be unique (two clients may both send "1"); the engine's must be.
         client_id = request.request_id()
         engine_id = f"{client_id}-{new_request_id()[:12]}" if client_id else new_request_id()
-        return proto.decode_request(get, self.limits, engine_id)
+        # Request parameters (vllm_backend reads sampling values there when no `sampling_parameters` tensor is sent;
+        # HTTP `generate` puts its `parameters` object and unknown top-level keys there).
+        return proto.decode_request(get, self.limits, engine_id, parameters=request.parameters() or None)
 
-    def _forget(self, request_id: str) -> None:
-        with self._lock:
-            self._inflight.pop(request_id, None)
+    def _started(self) -> tuple[Engine, ModelMetrics]:
+        """The engine and metrics `initialize` made; NotReadyError (503) before it has."""
+        if self.engine is None or self.metrics is None:
+            raise NotReadyError("model is not initialized yet", retry_after=1.0)
+        return self.engine, self.metrics
 
     def _send_error(self, sender: Any, exc: EngineError) -> None:
-        if exc.status >= 500:
+        if exc.status >= 500 and not isinstance(exc, NotReadyError):  # 503 (draining, loading) is no failure
             log.error("request failed: %s", proto.error_message(exc))
         error = self.pb.TritonError(proto.error_message(exc), code=self._triton_code(exc.status))
         try:
@@ -190,13 +228,16 @@ class TritonBackend:
         return self.pb.InferenceResponse(output_tensors=tensors)
 
     async def _serve(self, decoded: proto.DecodedRequest, sender: Any) -> None:
-        assert self.engine is not None and self.metrics is not None
-        request, m = decoded.request, self.metrics
+        engine, m = self._started()
+        request = decoded.request
         started = last = time.monotonic()
         next_cancel_check = started + CANCEL_CHECK_INTERVAL
         parts: list[str] = []
+        # The gaps between tokens are observed after the answer is out: each metric call is a round trip to the
+        # Triton server (35-80 us measured), which would otherwise sit between every two tokens.
+        gaps: list[float] = []
         self._running += 1
-        stream = self.engine.generate(request)
+        stream = engine.generate(request)
         try:
             m.running.set(self._running)
             self._log_prompt(request)
@@ -205,24 +246,24 @@ class TritonBackend:
                 if chunk.completion_tokens and not parts:
                     m.ttft.observe(now - started)
                 elif chunk.text:
-                    m.itl.observe(now - last)
+                    gaps.append(now - last)
                 last = now
                 parts.append(chunk.text)
                 if now >= next_cancel_check:
                     next_cancel_check = now + CANCEL_CHECK_INTERVAL
                     if sender.is_cancelled():
-                        await self.engine.abort(request.request_id)
+                        await engine.abort(request.request_id)
                         m.aborted.increment(1)
                         sender.send(flags=self._final)
                         return
                 if chunk.finished:
                     m.tokens.increment(chunk.completion_tokens)
-                    text = chunk.text if decoded.stream else "".join(parts)
+                    text = chunk.text if decoded.stream else decoded.echo + "".join(parts)
                     sender.send(self._response(text, chunk), flags=self._final)
                     return
                 if decoded.stream and chunk.text:
                     sender.send(self._response(chunk.text, chunk))
-            raise EngineFailure("engine stream ended without a final chunk")
+            raise stream_ended_early(request.request_id)
         except EngineError as exc:
             self._send_error(sender, exc)
         except Exception as exc:
@@ -232,14 +273,16 @@ class TritonBackend:
             self._running -= 1
             await stream.aclose()  # type: ignore[attr-defined]
             m.running.set(self._running)
+            for gap in gaps:
+                m.itl.observe(gap)
 
     async def _publish_engine_stats(self) -> None:
         """The engine's own running/waiting counts (so a cancelled request is seen leaving the engine itself)."""
-        assert self.engine is not None and self.metrics is not None
+        engine, metrics = self._started()
         while True:
-            stats = self.engine.stats
-            self.metrics.engine_running.set(stats.running)
-            self.metrics.engine_waiting.set(stats.waiting)
+            stats = engine.stats
+            metrics.engine_running.set(stats.running)
+            metrics.engine_waiting.set(stats.waiting)
             await asyncio.sleep(STATS_INTERVAL)
 
     def _log_prompt(self, request: Any) -> None:
@@ -249,7 +292,9 @@ class TritonBackend:
         from agent.engine.prompt import render_prompt
 
         try:
-            prompt = render_prompt(self._renderer, request.messages, vision=self.engine.info().supports_images)
+            prompt = render_prompt(
+                self._renderer, request.messages, vision=self.engine.info().supports_images, tools=request.tools
+            )
             with open(self._prompt_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"request_id": request.request_id, "prompt": prompt}) + "\n")
         except Exception:  # a debug aid must never fail a request

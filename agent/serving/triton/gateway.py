@@ -14,22 +14,25 @@ way a failed load keeps the previous model serving and raises ModelLoadError wit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from agent.config import Settings
-from agent.engine.base import Engine
+from agent.config import LoadingStrategy, Settings
+from agent.engine.base import Engine, stream_ended_early
 from agent.engine.errors import EngineError, EngineFailure, ModelLoadError, NotReadyError
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
 from agent.serving.triton import protocol as proto
-from agent.serving.triton.versions import load_reason
 from agent.serving.triton.metrics import fetch_metrics_text, parse_model_info
+from agent.serving.triton.versions import TritonVersions, load_reason
+
+if TYPE_CHECKING:  # imported lazily at run time: tritonclient loads grpc and its protobufs
+    from tritonclient.grpc.aio import InferenceServerClient
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +58,24 @@ class TritonGatewayEngine(Engine):
         self.ready_timeout = ready_timeout
         self.control_key = control_key  # sent as `api-key` to Triton's model-control API (API_KEYS)
         self.stats = EngineStats()
-        self._client: Any = None
+        self._client: InferenceServerClient | None = None
         self._calls: dict[str, Any] = {}  # request id -> its gRPC stream (cancel() aborts it)
         self._aborted: set[str] = set()
+        self._batched = False  # the model's config has max_batch_size > 0: tensors then carry a batch dimension
         self._info: EngineInfo | None = None
-        self.versions: Any = None  # agent.serving.triton.versions.TritonVersions once started
+        self.versions: TritonVersions | None = None  # the Triton model's version control, once started
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TritonGatewayEngine:
-        """TRITON_GRPC_URL, TRITON_MODEL_NAME; the metrics port (for info()) on TRITON_HTTP_URL's host."""
+    def from_settings(cls, settings: Settings, grpc_url: str | None = None) -> TritonGatewayEngine:
+        """One Triton server: `grpc_url` (default TRITON_GRPC_URL; several are routed by
+        agent.serving.triton.routing.gateway_from_settings), TRITON_MODEL_NAME, metrics on that host's
+        TRITON_METRICS_PORT (for info())."""
         from agent.serving.triton.launcher import control_key
 
-        host = settings.triton_http_url.rpartition(":")[0] or "127.0.0.1"
+        url = grpc_url or settings.triton_grpc_url
+        host = url.rpartition(":")[0] or "127.0.0.1"
         return cls(
-            settings.triton_grpc_url,
+            url,
             model=settings.triton_model_name,
             metrics_url=f"http://{host}:{settings.triton_metrics_port}/metrics",
             control_key=control_key(settings),
@@ -78,8 +85,6 @@ class TritonGatewayEngine(Engine):
     async def start(self) -> None:
         """Connect and wait until Triton's model is ready (NotReadyError after `ready_timeout`)."""
         import tritonclient.grpc.aio as grpcclient
-
-        from agent.serving.triton.versions import TritonVersions
 
         self._client = grpcclient.InferenceServerClient(self.grpc_url)
         self.versions = TritonVersions(
@@ -91,6 +96,8 @@ class TritonGatewayEngine(Engine):
                 raise NotReadyError(f"Triton model {self.model!r} at {self.grpc_url} not ready", retry_after=5.0)
             await asyncio.sleep(0.5)
         self._info = await self._fetch_info()
+        config = await self._client.get_model_config(self.model, as_json=True)
+        self._batched = int(config.get("config", config).get("max_batch_size", 0)) > 0
         log.info("gateway to Triton %s model %s (%s)", self.grpc_url, self.model, self._info.model_name)
 
     async def shutdown(self) -> None:
@@ -150,7 +157,7 @@ class TritonGatewayEngine(Engine):
         from tritonclient.grpc import InferInput
 
         inputs = []
-        for name, array in proto.encode_request(request, stream=True).items():
+        for name, array in proto.encode_request(request, stream=True, batched=self._batched).items():
             tensor = InferInput(name, list(array.shape), proto.INPUT_DATATYPES[name])
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -171,7 +178,10 @@ class TritonGatewayEngine(Engine):
                 if error is not None:
                     finished = True  # an error response is Triton's last response for this request
                     raise proto.error_from_message(str(error.message()))
-                last = proto.outputs_chunk(result.as_numpy, rid)
+                response = result.get_response()
+                names = [output.name for output in response.outputs]
+                fast = proto.chunk_from_raw(names, response.raw_output_contents, rid)
+                last = fast if fast is not None else proto.outputs_chunk(result.as_numpy, rid)
                 finished = last.finished
                 yield last
                 if finished:
@@ -193,7 +203,7 @@ class TritonGatewayEngine(Engine):
         if aborted:
             yield GenerationChunk(rid, "", last.prompt_tokens, last.completion_tokens, "abort")
             return
-        raise EngineFailure("Triton stream ended without a final response")
+        raise stream_ended_early(rid)
 
     async def abort(self, request_id: str) -> None:
         call = self._calls.get(request_id)
@@ -202,9 +212,36 @@ class TritonGatewayEngine(Engine):
             call.cancel()
 
     # ------------------------------------------------------------------------------------------------ model control
-    async def load_model(self, changes: Mapping[str, Any]) -> EngineInfo:
+    async def load_model(self, changes: Mapping[str, Any]) -> EngineInfo | None:
         """`/load_model` in gateway mode: a new Triton version pinning `changes`, activated (the old one finishes its
-        requests, then unloads); where Triton's model folder is not writable from here, `reload(changes)` instead."""
+        requests, then unloads); where Triton's model folder is not writable from here, `reload(changes)` instead.
+
+        None when `changes` leave gateway mode (another LOADING_STRATEGY): the caller then loads that engine itself.
+        A failed load raises ModelLoadError (422) with Triton's reason and leaves the serving version untouched.
+        """
+        if changes.get("loading_strategy") not in (None, LoadingStrategy.triton, LoadingStrategy.triton.value):
+            return None
+        model_changes = {k: v for k, v in changes.items() if k != "loading_strategy"}
+        try:
+            return await self._add_version(model_changes)
+        except EngineError:
+            raise
+        except Exception as exc:  # Triton unreachable mid-load, a protocol error: still "could not load", with why
+            log.warning("load through Triton failed", exc_info=True)
+            raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def model_versions(self) -> dict[str, Any] | None:
+        """The versions Triton has loaded and the default one (`{"model", "policy", "default_version", "versions":
+        [...], "history"}`); None when Triton refuses the repository API (informative: it never fails a route)."""
+        if self.versions is None:
+            return None
+        try:
+            return asdict(await self.versions.status())
+        except Exception as exc:
+            log.warning("cannot read Triton's model versions: %s", exc)
+            return None
+
+    async def _add_version(self, changes: Mapping[str, Any]) -> EngineInfo:
         from agent.serving.triton.repository import VersionsUnavailable
 
         if self.versions is None:
@@ -216,25 +253,10 @@ class TritonGatewayEngine(Engine):
             return await self.reload(changes)
         return await self.refresh_info(version)
 
-    async def activate(self, version: int) -> EngineInfo:
-        """Serve only `version` from now on (requests in flight finish on the version they started on)."""
-        status = await self._versions().activate(version)
-        return await self.refresh_info(status.default_version)
-
-    async def rollback(self) -> EngineInfo:
-        """Serve again the version that was the default before the last activation."""
-        status = await self._versions().rollback()
-        return await self.refresh_info(status.default_version)
-
     async def refresh_info(self, version: int | None = None) -> EngineInfo:
         """Re-read what Triton serves (the given version's info) for `info()`."""
         self._info = await self._fetch_info(version)
         return self._info
-
-    def _versions(self) -> Any:
-        if self.versions is None:
-            raise NotReadyError("gateway engine not started", retry_after=1.0)
-        return self.versions
 
     async def reload(self, overrides: Mapping[str, Any]) -> EngineInfo:
         """Reload Triton's model with `overrides` (settings names, e.g. {"model_path": ...}) as config parameters.
@@ -272,14 +294,3 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> EngineError:
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return NotReadyError(f"Triton unavailable: {exc.details()}", retry_after=2.0)
     return EngineFailure(f"Triton stream failed: {exc.code().name}: {exc.details()}")
-
-
-@contextlib.asynccontextmanager
-async def connect(settings: Settings) -> AsyncIterator[TritonGatewayEngine]:
-    """A started gateway engine for scripts and tests; shut down on exit."""
-    engine = TritonGatewayEngine.from_settings(settings)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.shutdown()

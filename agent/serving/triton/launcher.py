@@ -1,6 +1,6 @@
 """`dsa-agent triton`: run the real Triton Inference Server (bundled in nvidia-pytriton) over our model repository.
 
-What makes the bundled 2.51 server work on CPU here (measured, see docs ENVIRONMENT.md):
+What makes the bundled 2.51 server work on CPU here (measured, see docs/environment.md):
 - the python-backend stub for this Python is copied beside `libtriton_python.so` (`prepare_server`, idempotent);
 - the venv's `bin` comes first on PATH (the stub finds its interpreter as `python3` on PATH; PYTHONPATH is ignored);
 - LD_LIBRARY_PATH starts with the base interpreter's lib dir (else the stub may bind an older system libpython);
@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +35,10 @@ from types import TracebackType
 
 from agent.config import Settings, load_settings
 
+# The model drains (refuses new requests, finishes or cancels in-flight ones) once the file this names exists;
+# `TritonServer.begin_drain()` creates it before the server is signalled.
+from agent.serving.triton.admission import DRAIN_FILE_ENV
+
 log = logging.getLogger(__name__)
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "triton-models"
@@ -42,6 +48,8 @@ ROOT_ENV = "NEWBIE_APP_ROOT"
 # Where the launcher copies the model repository it serves (versions are added there at run time).
 RUNTIME_REPOSITORY_ENV = "NEWBIE_TRITON_REPOSITORY"
 DEFAULT_RUNTIME_REPOSITORY = Path("var/triton-models")
+# Seconds Triton may take to exit beyond GRACEFUL_SHUTDOWN_SECONDS: the engine's own shutdown (vLLM 11-13 s on CPU).
+EXIT_MARGIN = 20
 
 
 def runtime_repository_from_env() -> Path:
@@ -103,9 +111,9 @@ class TritonConfig:
     runtime_repository: Path | None = None
     models: tuple[str, ...] = ("qwen3-vl",)
     log_verbose: int = 0
-    # Seconds Triton waits for in-flight requests at exit. After a reload that failed, 2.51 counts one model as live
-    # until this expires even though every instance is unloaded (measured), so keep it modest.
-    exit_timeout: int = 30
+    # Seconds Triton waits at exit for its connections and models to finish: the model drains for
+    # GRACEFUL_SHUTDOWN_SECONDS, then cancels what is left, so this only bounds a model that hangs.
+    exit_timeout: int = 30 + EXIT_MARGIN
     # API_KEYS set: Triton's model-control (repository) API needs the header `api-key: <first key>` (HTTP and gRPC).
     control_key: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -126,6 +134,7 @@ class TritonConfig:
             models=(s.triton_model_name,),
             control_key=control_key(s),
             runtime_repository=runtime_repository_from_env(),
+            exit_timeout=exit_timeout_for(s.graceful_shutdown_seconds),
         )
 
     @property
@@ -144,6 +153,11 @@ class TritonConfig:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.metrics_address}:{self.metrics_port}/metrics"
+
+
+def exit_timeout_for(grace: float) -> int:
+    """Triton's --exit-timeout-secs for a drain of `grace` seconds (GRACEFUL_SHUTDOWN_SECONDS)."""
+    return math.ceil(grace) + EXIT_MARGIN
 
 
 def control_key(settings: Settings) -> str | None:
@@ -174,6 +188,10 @@ def server_command(cfg: TritonConfig, binary: str) -> list[str]:
         "--model-control-mode=explicit",
         f"--log-verbose={cfg.log_verbose}",
         f"--exit-timeout-secs={cfg.exit_timeout}",
+        # /v2/health/ready = the server is up and serving. Strict readiness (the default) also wants every version
+        # Triton ever tried to be READY, and 2.51 never forgets one that failed to load (a failed version add or
+        # repository-API load would leave the server "not ready" until a restart). Models: /v2/models/<m>/ready.
+        "--strict-readiness=false",
     ]
     if cfg.control_key:
         cmd += [
@@ -203,6 +221,18 @@ class TritonServer:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file = None
+        self._drain_dir: str | None = None
+
+    @property
+    def drain_file(self) -> Path | None:
+        """The file whose creation tells the running model to drain (None before start)."""
+        return Path(self._drain_dir) / "drain" if self._drain_dir else None
+
+    def begin_drain(self) -> None:
+        """Tell the model to refuse new requests and finish (or, after GRACEFUL_SHUTDOWN_SECONDS, cancel) the ones
+        in flight. Triton itself waits for open requests before it unloads anything, so `stop()` starts here."""
+        if self.drain_file is not None and self.drain_file.parent.is_dir():
+            self.drain_file.touch()
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server in its own process group and wait until the model is ready."""
@@ -220,9 +250,10 @@ class TritonServer:
         log.info("starting Triton: %s", " ".join(shown))
         if self.log_path is not None:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._drain_dir = tempfile.mkdtemp(prefix="newbie-triton-")
         self.process = subprocess.Popen(
             cmd,
-            env=server_env(self.cfg.extra_env),
+            env=server_env({**self.cfg.extra_env, DRAIN_FILE_ENV: str(self.drain_file)}),
             stdout=self._log_file,
             stderr=subprocess.STDOUT if self._log_file else None,
             start_new_session=True,  # setsid: stop() ends stubs too
@@ -236,26 +267,24 @@ class TritonServer:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://{self.cfg.http_url}/v2/health/ready"
+        base = f"http://{self.cfg.http_url}"
+        urls = [f"{base}/v2/health/ready", *(f"{base}/v2/models/{m}/ready" for m in self.cfg.models)]
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise TritonLaunchError(f"tritonserver exited with code {self.process.returncode} (see its log)")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        log.info("Triton ready on %s (gRPC %s)", self.cfg.http_url, self.cfg.grpc_url)
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if all(_answers_200(url) for url in urls):
+                log.info("Triton ready on %s (gRPC %s)", self.cfg.http_url, self.cfg.grpc_url)
+                return
             time.sleep(0.5)
         raise TritonLaunchError(f"Triton not ready after {timeout:.0f} s")
 
     def stop(self, timeout: float | None = None) -> None:
-        """TERM the server, then TERM/KILL its process group (a stub can outlive the server)."""
+        """Drain the model, TERM the server, then TERM/KILL its process group (a stub can outlive the server)."""
         timeout = self.cfg.exit_timeout + 15.0 if timeout is None else timeout
         proc, self.process = self.process, None
         if proc is not None:
             if proc.poll() is None:
+                self.begin_drain()
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout)
@@ -266,6 +295,9 @@ class TritonServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._drain_dir is not None:
+            shutil.rmtree(self._drain_dir, ignore_errors=True)
+            self._drain_dir = None
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
@@ -274,6 +306,14 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _end_group(pgid: int) -> None:

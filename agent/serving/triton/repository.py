@@ -8,8 +8,10 @@ source tree.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +26,10 @@ VERSION_FILE = "engine.json"
 SHELL = "model.py"
 SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "triton-models"
 RUNTIME_MARKER = ".newbie-runtime-copy"  # marks a model folder the launcher copied (safe to replace at start)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+WEIGHTS = ("*.safetensors", "*.bin")
+# The package each engine imports: a version pinning an engine whose package is missing is refused before loading.
+ENGINE_PACKAGES = {"transformers": "transformers", "vllm": "vllm", "onnx": "onnxruntime_genai"}
 
 
 class VersionsUnavailable(ModelLoadError):
@@ -56,6 +62,68 @@ def pinned_settings(changes: Mapping[str, Any]) -> dict[str, str]:
     if pinned.get("LOADING_STRATEGY") == "triton":
         raise ModelLoadError("LOADING_STRATEGY=triton is the gateway mode; a version pins a real engine")
     return pinned
+
+
+def preflight(pinned: Mapping[str, str]) -> None:
+    """Refuse (ModelLoadError, 422) a version that cannot load, before anything is written or sent to Triton.
+
+    Triton 2.51 never forgets a version that failed to load (its record stays UNAVAILABLE until that number loads
+    successfully), so what can be checked here is: MODEL_PATH (see `check_model_path`) and the engine's package.
+    What only loading can tell (weights that do not fit, a checkpoint corrupt past its headers) is Triton's to find.
+    """
+    if pinned.get("MODEL_PATH"):
+        check_model_path(pinned["MODEL_PATH"])
+    strategy = pinned.get("LOADING_STRATEGY", "")
+    package = ENGINE_PACKAGES.get(strategy)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ModelLoadError(f"LOADING_STRATEGY={strategy}: the {package!r} package is not installed")
+
+
+def check_model_path(value: str) -> None:
+    """MODEL_PATH as a version pins it: an absolute path to a Hugging Face folder (config.json that parses, and
+    weights whose headers read: a truncated or garbage safetensors file is refused) or to a .gguf file, or a hub id
+    `owner/name`. Relative paths are refused: Triton resolves them from its own working directory, and `..` is how
+    a caller would walk out of the models folder."""
+    path = Path(value).expanduser()
+    if ".." in path.parts or not path.is_absolute():
+        if ".." not in path.parts and HUB_ID.match(value) and not path.exists():
+            return  # a hub id: fetched (or not) where the model loads
+        raise ModelLoadError(
+            f"MODEL_PATH={value!r}: a version's checkpoint must be an absolute path without '..' (or a hub id "
+            "owner/name)"
+        )
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"MODEL_PATH={value!r}: no such .gguf file")
+        return
+    if not path.is_dir():
+        raise ModelLoadError(f"MODEL_PATH={value!r}: no such folder")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"MODEL_PATH={value!r}: not a Hugging Face model folder (no config.json)")
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"MODEL_PATH={value!r}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict) or not parsed.get("model_type"):
+        raise ModelLoadError(f"MODEL_PATH={value!r}: config.json names no model_type")
+    weights = sorted(f for pattern in WEIGHTS for f in path.glob(pattern))
+    if not weights:
+        raise ModelLoadError(f"MODEL_PATH={value!r}: no weights (*.safetensors or *.bin) in the folder")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(value, file)
+
+
+def _check_safetensors(value: str, file: Path) -> None:
+    """Read the file's header (no tensor is loaded): safetensors checks that it covers the whole file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"MODEL_PATH={value!r}: {file.name} is not a readable safetensors file ({exc})") from None
 
 
 def write_version(model_dir: Path, pinned: Mapping[str, str], version: int | None = None) -> int:

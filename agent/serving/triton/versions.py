@@ -22,17 +22,21 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.engine.errors import InvalidRequestError, ModelLoadError, NotFoundError
+from agent.serving.triton.metrics import INFO_METRIC, fetch_metrics_text, parse_samples
 from agent.serving.triton.repository import (
     SOURCE_REPOSITORY,
     VersionsUnavailable,
     pinned_settings,
+    preflight,
     remove_version,
     write_version,
 )
-from agent.serving.triton.metrics import INFO_METRIC, fetch_metrics_text, parse_samples
+
+if TYPE_CHECKING:  # imported lazily at run time: tritonclient loads grpc and its protobufs
+    from tritonclient.grpc.aio import InferenceServerClient
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class TritonVersions:
     learnt from the model's info metric at `metrics_url`, where the model publishes its folder).
     """
 
-    client: Any
+    client: InferenceServerClient
     model: str
     control_key: str | None = None
     repository: Path | None = None
@@ -115,6 +119,7 @@ class TritonVersions:
                     supports_images=labels.get("supports_images") == "True",
                 )
             )
+        states = _without_removed(states, infos, self.repository)
         states.sort(key=lambda s: s.version)
         ready = [s.version for s in states if s.state == "READY"]
         default = max(ready) if ready else None
@@ -163,9 +168,12 @@ class TritonVersions:
 
         MODEL_PATH, when not in `changes`, is pinned to what the default version serves (the /load_model rule: unset
         fields keep their current values). A version that fails to load is deleted again and raises ModelLoadError
-        with Triton's reason; the serving version is untouched.
+        with Triton's reason; the serving version is untouched. A MODEL_PATH that is not a loadable checkpoint
+        (relative, `..`, no config.json, unreadable weights) or an engine whose package is missing is refused before
+        anything is written (`repository.preflight`): Triton 2.51 remembers every version that failed to load.
         """
         pinned = pinned_settings(changes)
+        await asyncio.to_thread(preflight, pinned)
         async with self._lock:
             model_dir = await self.model_folder()
             if "MODEL_PATH" not in pinned:
@@ -178,7 +186,7 @@ class TritonVersions:
                 return version, await self.status()
             try:
                 status = await self._load([version])
-            except ModelLoadError:
+            except Exception:  # refused, or Triton unreachable mid-load: the folder must not outlive the attempt
                 await asyncio.to_thread(remove_version, model_dir, version)
                 raise
             self._history.append(version)
@@ -240,6 +248,17 @@ class TritonVersions:
         return newest
 
 
+def _without_removed(
+    states: list[VersionState], infos: dict[int, dict[str, str]], repository: Path | None
+) -> list[VersionState]:
+    """Drop versions that are not READY and whose folder is gone: a failed `add()` removes its folder, but Triton
+    2.51 keeps the failed record (UNAVAILABLE) until that number loads again; it is no version of this model."""
+    folder = repository or next((Path(lab["repository"]) for lab in infos.values() if lab.get("repository")), None)
+    if folder is None or not folder.is_dir():
+        return states
+    return [s for s in states if s.state == "READY" or (folder / str(s.version)).is_dir()]
+
+
 def load_reason(message: str, versions: list[int] | None = None) -> str:
     """Triton's load error, without its boilerplate: the engine's own message when present."""
     missing = "at least one version must be available" in message or "directory is not present" in message
@@ -249,45 +268,3 @@ def load_reason(message: str, versions: list[int] | None = None) -> str:
         if marker in message:
             message = message.split(marker, 1)[1]
     return message.split("\n\nAt:")[0].strip()
-
-
-# ---------------------------------------------------------------------------------------------------- FastAPI door
-async def load_through_gateway(engine: Any, changes: Mapping[str, Any]) -> Any:
-    """`/load_model` in gateway mode: the Triton model gets a new version pinning `changes`, activated (the engine
-    is kept: it keeps talking to the same Triton). Returns the new EngineInfo, or None when `engine` is not a
-    gateway engine (or `changes` leave gateway mode): then the caller loads a new engine as usual.
-
-    A failed load raises ModelLoadError (422) with Triton's reason and leaves the serving version untouched.
-    """
-    from agent.config import LoadingStrategy
-    from agent.engine.errors import EngineError
-    from agent.serving.triton.gateway import TritonGatewayEngine
-
-    if not isinstance(engine, TritonGatewayEngine):
-        return None
-    if changes.get("loading_strategy") not in (None, LoadingStrategy.triton, LoadingStrategy.triton.value):
-        return None
-    model_changes = {k: v for k, v in changes.items() if k != "loading_strategy"}
-    try:
-        return await engine.load_model(model_changes)
-    except EngineError:
-        raise
-    except Exception as exc:  # Triton unreachable mid-load, a protocol error: still "could not load", with why
-        log.warning("load through Triton failed", exc_info=True)
-        raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
-
-
-async def gateway_versions(engine: Any) -> dict[str, Any] | None:
-    """What /health and /v1/models add in gateway mode: the versions Triton has loaded and the default one
-    (`{"model", "policy", "default_version", "versions": [...], "history"}`); None for other engines or when Triton
-    refuses the repository API (the status is informative: it never fails the route)."""
-    from dataclasses import asdict
-
-    versions = getattr(engine, "versions", None)
-    if not isinstance(versions, TritonVersions):
-        return None
-    try:
-        return asdict(await versions.status())
-    except Exception as exc:
-        log.warning("cannot read Triton's model versions: %s", exc)
-        return None

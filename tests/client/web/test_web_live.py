@@ -195,3 +195,49 @@ async def _assert_fits(page: Page, width: int) -> None:
     assert await page.evaluate("document.documentElement.scrollWidth") == width
     await expect(page.get_by_role("textbox", name="Message")).to_be_in_viewport()
     await expect(page.get_by_role("button", name="Send")).to_be_in_viewport()
+
+
+async def test_each_learner_sees_only_their_own_chats(smollm_engine, app_settings, browser, tmp_path) -> None:
+    """Two learners in one browser, one after the other (/login, /logout): each lists and reopens only their own."""
+    import hashlib
+
+    keys = {"alice": "alice-web-key", "bob": "bob-web-key"}
+    toml = "".join(
+        f'[[keys]]\nname = "{n}"\nrole = "learner"\nsha256 = "{hashlib.sha256(k.encode()).hexdigest()}"\n\n'
+        for n, k in keys.items()
+    )
+    (tmp_path / "keys.toml").write_text(toml)
+    settings = app_settings(max_new_tokens=4, api_keys_file=tmp_path / "keys.toml")
+    async with serve_app(smollm_engine, settings) as url:
+        base = url.rstrip("/")
+        context = await browser.new_context(viewport=DESKTOP)
+        page = await context.new_page()
+        chats = page.get_by_role("list", name="Chat sessions")
+
+        async def login(name: str) -> None:
+            await page.goto(f"{base}/login")
+            await page.fill("#key", keys[name])
+            await page.click("input[type=submit]")
+            await page.wait_for_selector("body.ready")
+
+        await login("alice")
+        await ask(page, "Alpha: what is a stack?")
+        await expect(chats.get_by_role("button", name="Alpha: what is a stack?", exact=True)).to_have_count(1)
+        alices = await page.evaluate("localStorage.getItem('newbie-app.session.alice')")
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {keys['alice']}"}) as client:
+            stored = (await client.get("/history", params={"session_id": alices})).json()["history"]
+        assert stored[0]["content"] == "Alpha: what is a stack?"  # remembered under alice's name
+
+        await page.request.post(f"{base}/logout")
+        await login("bob")  # same browser, same storage: none of alice's chats, not even her remembered one
+        await expect(page.get_by_role("article")).to_have_count(0)
+        await expect(chats.get_by_role("button", name="Alpha: what is a stack?", exact=True)).to_have_count(0)
+        await ask(page, "Beta: what is a queue?")
+        bobs = await page.evaluate("localStorage.getItem('newbie-app.session.bob')")
+        assert bobs and bobs != alices
+
+        await page.request.post(f"{base}/logout")
+        await login("alice")  # alice's own chat again
+        await expect(page.get_by_role("article", name="Your message")).to_have_text(["Alpha: what is a stack?"])
+        await expect(chats.get_by_role("button", name="Beta: what is a queue?", exact=True)).to_have_count(0)
+        await context.close()

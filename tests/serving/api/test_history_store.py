@@ -10,6 +10,7 @@ import pytest
 
 from agent.engine.errors import NotFoundError
 from agent.serving.api.history_store import HistoryStore
+from agent.serving.api.store.migrations import LATEST
 
 
 @pytest.fixture
@@ -92,3 +93,27 @@ async def test_concurrent_appends_to_one_session_keep_pairs(db: Path) -> None:
     assert {t.content for t in turns[::2]} == {f"q{i}" for i in range(n)}
     store.close()
     second.close()
+
+
+async def test_a_file_from_before_migrations_is_brought_forward(db: Path) -> None:
+    """A history file written by the single-user server (schema 1, no version table) keeps its sessions: they
+    belong to the operator principal `local`, which is who calls without keys (and with API_KEYS)."""
+    db.parent.mkdir(parents=True)
+    old = sqlite3.connect(db)
+    old.executescript(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,"
+        " updated_at REAL NOT NULL);"
+        "CREATE TABLE turns (id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL REFERENCES sessions(id)"
+        " ON DELETE CASCADE, role TEXT NOT NULL, content TEXT NOT NULL, has_image INTEGER NOT NULL DEFAULT 0,"
+        " created_at REAL NOT NULL);"
+        "INSERT INTO sessions VALUES ('default', 'What is a heap?', 1.0, 2.0);"
+        "INSERT INTO turns (session_id, role, content, created_at) VALUES ('default', 'user', 'What is a heap?', 1.0),"
+        " ('default', 'assistant', 'A tree with an order property.', 2.0);"
+    )
+    old.commit()
+    old.close()
+    store = HistoryStore(db)
+    assert await store.schema_version() == LATEST
+    assert [(s.session_id, s.owner, s.turns) for s in await store.sessions("local")] == [("default", "local", 1)]
+    assert [t.content for t in await store.history("default")] == ["What is a heap?", "A tree with an order property."]
+    store.close()

@@ -17,13 +17,16 @@ from PIL import Image
 
 from agent.config import LoadingStrategy
 from agent.engine.errors import ModelLoadError, NotFoundError
+from agent.serving.triton import launcher as triton_launcher
 from agent.serving.triton import repository as repo
 from agent.serving.triton import versions as mv
-from agent.serving.triton import launcher as triton_launcher
-from agent.serving.triton.repository import read_version_file
 from agent.serving.triton.backend import settings_from_parameters
+from agent.serving.triton.repository import read_version_file
 
 SHIPPED = triton_launcher.MODEL_REPOSITORY / "qwen3-vl"
+# Waits poll to a deadline: generous, since 2 shared cores under other test jobs can be slow; never a fixed sleep.
+WAIT_TIMEOUT = 240.0
+REQUEST_TIMEOUT = 240.0
 RED = Image.new("RGB", (64, 64), (255, 0, 0))
 
 
@@ -77,6 +80,64 @@ def test_bad_settings_are_refused_before_anything_is_written(changes: dict, need
         repo.pinned_settings(changes)
 
 
+def corrupt_checkpoints(root: Path) -> dict[str, Path]:
+    """Folders that look like checkpoints and are not: each must be refused before anything is written."""
+    made = {}
+    for name, config, weights in [
+        ("broken-config", "{not json", b""),
+        ("no-model-type", "{}", b""),
+        ("no-weights", '{"model_type": "llama"}', None),
+        ("truncated-weights", '{"model_type": "llama"}', b"\x10\x00\x00\x00\x00\x00\x00\x00{}"),
+        ("garbage-weights", '{"model_type": "llama"}', b"\xff" * 64),
+    ]:
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(config)
+        if weights is not None:
+            (folder / "model.safetensors").write_bytes(weights)
+        made[name] = folder
+    return made
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("../../../../etc", "absolute path without '..'"),
+        ("models/../../etc", "absolute path without '..'"),
+        ("/etc/../etc", "absolute path without '..'"),
+        ("relative/folder/model", "absolute path"),
+        ("/etc", "no config.json"),
+        ("/no/such/checkpoint", "no such folder"),
+        ("/no/such/model.gguf", "no such .gguf file"),
+        ("http://169.254.169.254/latest", "absolute path"),
+    ],
+)
+def test_a_version_refuses_a_model_path_that_is_not_a_checkpoint(value: str, needle: str) -> None:
+    with pytest.raises(ModelLoadError, match=f"MODEL_PATH={value!r}") as info:
+        repo.preflight(repo.pinned_settings({"model_path": value}))
+    assert needle in info.value.message
+
+
+def test_corrupt_checkpoints_and_missing_packages_are_refused_before_loading(
+    tmp_path: Path, smollm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    needles = {
+        "broken-config": "config.json is not valid JSON",
+        "no-model-type": "names no model_type",
+        "no-weights": "no weights",
+        "truncated-weights": "not a readable safetensors file",
+        "garbage-weights": "not a readable safetensors file",
+    }
+    for name, folder in corrupt_checkpoints(tmp_path).items():
+        with pytest.raises(ModelLoadError, match=needles[name]):
+            repo.check_model_path(str(folder))
+    repo.check_model_path(str(smollm_folder))  # a real checkpoint passes
+    repo.check_model_path("Qwen/Qwen3-VL-8B-Instruct")  # a hub id: fetched (or refused) where the model loads
+    monkeypatch.setitem(repo.ENGINE_PACKAGES, "vllm", "no_such_engine_package")  # as on a machine without vLLM
+    with pytest.raises(ModelLoadError, match="LOADING_STRATEGY=vllm: the 'no_such_engine_package' package"):
+        repo.preflight({"LOADING_STRATEGY": "vllm"})
+
+
 def test_versions_are_written_to_a_runtime_copy_never_to_the_source_tree(tmp_path: Path) -> None:
     with pytest.raises(repo.VersionsUnavailable, match="never written"):
         repo.write_version(SHIPPED, {"MODEL_PATH": "/x"})
@@ -112,9 +173,13 @@ def test_the_launcher_serves_a_runtime_copy_when_asked(monkeypatch: pytest.Monke
 
 async def test_only_a_gateway_engine_loads_through_triton() -> None:
     from agent.engine.fake import FakeEngine
+    from agent.serving.triton.gateway import TritonGatewayEngine
 
-    assert await mv.load_through_gateway(FakeEngine(), {"model_path": "/x"}) is None  # the runner loads as usual
-    assert await mv.gateway_versions(FakeEngine()) is None
+    assert await FakeEngine().load_model({"model_path": "/x"}) is None  # the runner loads a new engine as usual
+    assert await FakeEngine().model_versions() is None
+    gateway = TritonGatewayEngine("127.0.0.1:1")  # never started: changes that leave gateway mode are not its to load
+    assert await gateway.load_model({"loading_strategy": "transformers", "model_path": "/x"}) is None
+    assert await gateway.model_versions() is None
     source = mv.TritonVersions(client=None, model="qwen3-vl", repository=SHIPPED)
     with pytest.raises(repo.VersionsUnavailable, match="never written"):
         await source.model_folder()  # the gateway then reloads parameters instead of adding a version
@@ -173,6 +238,14 @@ async def gateway(versioned_triton):
     await engine.shutdown()
 
 
+def wait_healthy(client, timeout: float = WAIT_TIMEOUT) -> None:
+    """Poll the FastAPI door's /health until it answers 200 (the gateway engine connects in the background)."""
+    deadline = time.monotonic() + timeout
+    while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.get("/health").status_code == 200, client.get("/health").text
+
+
 def sees_images(triton, version: str = "") -> bool:
     """Whether the version (default: the policy's) answers an image: the tiny Qwen3-VL does, SmolLM2 refuses (400)."""
     from agent.client.errors import DsaClientError
@@ -201,7 +274,7 @@ async def test_latest_policy_then_both_versions_answer_when_addressed(
 
     status = await gateway.versions.serve([1, 2])
     assert (status.ready, status.default_version) == ([1, 2], 2)
-    listed = await mv.gateway_versions(gateway)  # what /health and /v1/models show in gateway mode
+    listed = await gateway.model_versions()  # what /health and /v1/models show in gateway mode
     assert listed is not None and listed["default_version"] == 2
     assert [(v["version"], v["state"], v["model_path"]) for v in listed["versions"]] == [
         (1, "READY", str(smollm_folder)),
@@ -245,7 +318,7 @@ class SteadyStream:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                status, raw = self.triton.post("/v2/models/qwen3-vl/generate", self.body, timeout=60)
+                status, raw = self.triton.post("/v2/models/qwen3-vl/generate", self.body, timeout=REQUEST_TIMEOUT)
             except OSError as exc:  # a hung request (timeout) is a failure, not a dead thread
                 status, raw = 0, repr(exc).encode()
             answer = json.loads(raw) if status == 200 else {}
@@ -266,11 +339,14 @@ class SteadyStream:
         for thread in self._threads:
             thread.join(120)
 
-    def wait_for(self, answers: int, timeout: float = 60) -> None:
+    def wait_for(self, answers: int, timeout: float = WAIT_TIMEOUT) -> None:
+        """Poll until `answers` more answers arrived (or a failure): the deadline is generous because the machine
+        may be busy (a fixed sleep once timed out under load); the assertion says what was missing."""
         deadline = time.monotonic() + timeout
         target = len(self.answers) + answers
         while len(self.answers) < target and not self.failures and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert self.failures or len(self.answers) >= target, f"{len(self.answers)}/{target} answers in {timeout} s"
 
 
 def prompt_tokens(triton, version: str) -> int:
@@ -297,7 +373,7 @@ async def test_roll_forward_and_back_under_a_steady_stream_drops_nothing(
     with SteadyStream(versioned_triton) as short, SteadyStream(versioned_triton, max_tokens=64, threads=2) as long:
         short.wait_for(3)
         # What /load_model does in gateway mode: roll forward to a new version 3.
-        info = await mv.load_through_gateway(gateway, {"model_path": str(smollm_folder), "loading_strategy": "triton"})
+        info = await gateway.load_model({"model_path": str(smollm_folder), "loading_strategy": "triton"})
         assert not info.supports_images and not await asyncio.to_thread(sees_images, versioned_triton)
         status = await gateway.versions.status()
         assert (status.ready, status.default_version, status.history[-2:]) == ([3], 3, (2, 3))
@@ -305,7 +381,8 @@ async def test_roll_forward_and_back_under_a_steady_stream_drops_nothing(
         smol_tokens = await asyncio.to_thread(prompt_tokens, versioned_triton, "3")
         short.wait_for(3)
 
-        info = await gateway.rollback()  # back to version 2
+        status = await gateway.versions.rollback()  # back to version 2
+        info = await gateway.refresh_info(status.default_version)
         assert info.supports_images and await asyncio.to_thread(sees_images, versioned_triton)
         assert (await gateway.versions.status()).ready == [2]
         short.wait_for(3)
@@ -325,14 +402,14 @@ async def test_a_broken_version_fails_with_its_reason_and_the_serving_one_stays(
     before, folders = await gateway.versions.status(), repo.version_numbers(model_dir)
     with SteadyStream(versioned_triton) as stream:
         with pytest.raises(ModelLoadError, match="MODEL_PATH='/no/such/checkpoint'"):
-            await mv.load_through_gateway(gateway, {"model_path": "/no/such/checkpoint"})
+            await gateway.load_model({"model_path": "/no/such/checkpoint"})
         assert repo.version_numbers(model_dir) == folders  # the failed version's folder is gone again
         with pytest.raises(ModelLoadError, match="QUANTIZATION_TYPE"):
             await gateway.load_model({"quantization_type": "int3"})
         broken = repo.write_version(model_dir, {})
         (model_dir / str(broken) / "engine.json").write_text('{"MAX_NEW_TOKENS": 5}')  # hand-edited, wrong type
         with pytest.raises(ModelLoadError, match="values must be strings"):
-            await gateway.activate(broken)
+            await gateway.versions.activate(broken)
         stream.wait_for(3)
     after = await gateway.versions.status()
     assert after.default_version == before.default_version and after.ready == before.ready
@@ -359,9 +436,7 @@ def test_fastapi_load_model_in_gateway_mode_adds_a_version(versioned_triton, tmp
     settings = gateway_settings(versioned_triton, history_db=tmp_path / "history.sqlite3")
     auth = {"Authorization": f"Bearer {CONTROL_KEY}"}
     with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_healthy(client)
         before = client.get("/health").json()["versions"]
         serving = before["default_version"]
         path = next(v["model_path"] for v in before["versions"] if v["version"] == serving)
@@ -378,3 +453,69 @@ def test_fastapi_load_model_in_gateway_mode_adds_a_version(versioned_triton, tmp
         assert next(v["model_path"] for v in listed["versions"] if v["version"] == new) == path  # kept MODEL_PATH
         chat = client.post("/chat", json={"message": "Hi!", "max_new_tokens": 2}, headers=auth)
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_failed_load_leaves_no_trace_in_either_door(versioned_triton, tmp_path: Path, tiny_vl_folder: Path) -> None:
+    """Bad paths, path traversal, corrupt checkpoints, a checkpoint only Triton can find broken, and a broken version
+    loaded through Triton's own repository API: each is refused, and afterwards both doors are as they were - the
+    same versions READY, no version folder left, Triton's /v2/health/ready 200, FastAPI /health ready, and the
+    serving version answering through both doors."""
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from agent.serving.model_server import create_app
+    from tests.serving.triton.triton_fixtures import CONTROL_KEY
+
+    settings = gateway_settings(versioned_triton, history_db=tmp_path / "history.sqlite3")
+    auth = {"Authorization": f"Bearer {CONTROL_KEY}"}
+    corrupt = corrupt_checkpoints(tmp_path / "ckpt")
+    # Passes every check this side (config.json, readable weights) and only fails inside Triton's engine load.
+    unknown = tmp_path / "ckpt" / "unknown-architecture"
+    unknown.mkdir()
+    (unknown / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    shutil.copyfile(next(tiny_vl_folder.glob("*.safetensors")), unknown / "model.safetensors")
+
+    def door_state(client) -> tuple:
+        versions = client.get("/health").json()["versions"]
+        ready = [v["version"] for v in versions["versions"] if v["state"] == "READY"]
+        return ready, versions["default_version"], [v["version"] for v in versions["versions"]]
+
+    with TestClient(create_app(settings)) as client:
+        wait_healthy(client)
+        before = door_state(client)
+        model_dir = Path(versioned_triton.server.cfg.runtime_repository) / "qwen3-vl"
+        folders = repo.version_numbers(model_dir)
+        paths = ["../../../../etc", "/etc", str(tmp_path / "missing"), *map(str, corrupt.values()), str(unknown)]
+        for path in paths:
+            failed = client.post("/load_model", json={"model_path": path}, headers=auth)
+            message = failed.json()["error"]["message"]
+            assert failed.status_code == 422 and ("MODEL_PATH" in message or path in message), (path, failed.text)
+            assert repo.version_numbers(model_dir) == folders, path  # nothing written, or removed again
+            assert versioned_triton.get("/v2/health/ready")[0] == 200, path
+            health = client.get("/health")
+            assert health.status_code == 200 and health.json()["status"] == "ready", (path, health.text)
+            assert door_state(client) == before, path
+
+        # Triton's door: a broken version loaded with Triton's own repository API (no code of ours in the way).
+        broken = repo.write_version(model_dir, {})
+        (model_dir / str(broken) / "engine.json").write_text("{not json")
+        config = json.loads(versioned_triton.get("/v2/models/qwen3-vl/config")[1])
+        config["version_policy"] = {"specific": {"versions": [broken]}}
+        loaded = httpx.post(
+            f"http://{versioned_triton.http_url}/v2/repository/models/qwen3-vl/load",
+            json={"parameters": {"config": json.dumps(config)}},
+            headers={"api-key": CONTROL_KEY},
+            timeout=REQUEST_TIMEOUT,
+        )
+        assert loaded.status_code == 400 and "not valid JSON" in loaded.text, loaded.text
+        assert versioned_triton.get("/v2/health/ready")[0] == 200  # strict readiness would say 400 until a restart
+        assert door_state(client)[:2] == before[:2]  # the broken folder is still there, so it is listed, failed
+        repo.remove_version(model_dir, broken)
+        assert door_state(client) == before  # and once its folder is gone, forgotten
+
+        chat = client.post("/chat", json={"message": "Still there?", "max_new_tokens": 2}, headers=auth)
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] > 0
+    generate = versioned_triton.post("/v2/models/qwen3-vl/generate", {"text_input": "Still there?", "max_tokens": 2})
+    assert generate[0] == 200 and json.loads(generate[1])["completion_tokens"] > 0

@@ -16,8 +16,8 @@ from PIL import Image
 from agent.config import load_settings
 from agent.engine.errors import ModelLoadError, UnsupportedInputError
 from agent.engine.prompt import render_prompt
-from agent.serving.triton.gateway import TritonGatewayEngine
 from agent.engine.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from agent.serving.triton.gateway import TritonGatewayEngine
 from tests.serving.triton import triton_fixtures
 from tests.serving.triton.triton_fixtures import CONTROL_KEY, MODEL, RunningTriton
 
@@ -82,7 +82,9 @@ async def test_gateway_abort_cancels_the_triton_request(gateway: TritonGatewayEn
 
 async def test_gateway_maps_triton_errors_to_the_error_table(gateway: TritonGatewayEngine) -> None:
     image = Image.new("RGB", (8, 8), (1, 2, 3))
-    request = GenerationRequest(messages=(Message(role="user", parts=(ImagePart(image), TextPart("see?"))),))
+    request = GenerationRequest(
+        messages=(Message(role="user", parts=(ImagePart(image), TextPart("see?"))),), sampling=GREEDY
+    )
     with pytest.raises(UnsupportedInputError):
         async for _ in gateway.generate(request):
             pass

@@ -20,10 +20,22 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
+from tests.serving.shipped_stack import shipped_stack, triton_view
 from tests.serving.triton import triton_fixtures
 from tests.serving.triton.triton_fixtures import CONTROL_KEY, MODEL, RunningTriton
 
 triton_smollm = triton_fixtures.triton_smollm  # the session's shared server (see triton_fixtures)
+__all__ = ["shipped_stack"]  # a fixture, used through `triton_door`
+
+
+@pytest.fixture(params=["transformers", "shipped-onnx"])
+def triton_door(request: pytest.FixtureRequest) -> RunningTriton:
+    """The corpus runs on both: Triton over the transformers engine, and the stack `make run` ships (Triton over
+    the ONNX int4 engine, behind the FastAPI gateway), each started once per session."""
+    if request.param == "transformers":
+        return request.getfixturevalue("triton_smollm")
+    return triton_view(request.getfixturevalue("shipped_stack"))
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -55,7 +67,7 @@ def messages(*items: object) -> str:
 
 # (name, body, expected status: 200 or the Triton HTTP status of the error, prefix of the error text or None)
 HTTP_CASES: list[tuple[str, object, int, str | None]] = [
-    ("no inputs", {}, 400, "request has 0 inputs"),  # refused by Triton itself
+    ("no inputs", {}, 400, "one of the inputs 'text_input' or 'messages' is required"),
     ("only sampling", {"max_tokens": 4, "temperature": 0.5}, 400, "400 invalid_request"),
     ("text as list", {"text_input": ["a", "b"]}, 400, None),
     ("empty text", {"text_input": "", "max_tokens": 2}, OK, None),
@@ -69,13 +81,14 @@ HTTP_CASES: list[tuple[str, object, int, str | None]] = [
     ("temperature negative", {"text_input": "hi", "temperature": -1.0}, 400, "422 validation_error: temperature"),
     ("top_p zero", {"text_input": "hi", "top_p": 0.0}, 400, "422 validation_error: top_p"),
     ("top_p above one", {"text_input": "hi", "top_p": 1.5}, 400, "422 validation_error: top_p"),
-    ("unknown input", {"text_input": "hi", "evil": "x", "max_tokens": 2}, OK, None),  # generate ignores it
+    # generate turns unknown JSON keys into request parameters: refused, naming the supported ones
+    ("unknown input", {"text_input": "hi", "evil": "x", "max_tokens": 2}, 400, "422 validation_error: parameters"),
     ("messages broken JSON", {"messages": "[{"}, 400, "400 invalid_request: messages: invalid JSON"),
     ("messages not a list", {"messages": '{"role": "user"}'}, 400, "400 invalid_request: messages"),
     ("messages bad role", {"messages": messages({"role": "root", "content": "hi"})}, 400, "400 invalid_request"),
     ("messages ends with assistant", {"messages": messages({"role": "assistant", "content": "x"})}, 400, "400"),
     ("messages deep nesting", {"messages": "[" * 50_000 + "]" * 50_000}, 400, "400 invalid_request"),
-    ("messages lone surrogate", {"messages": '[{"role": "user", "content": "\\ud800"}]'}, 400, "400 invalid_request"),
+    ("messages lone surrogate", {"messages": '[{"role": "user", "content": "\\ud800"}]'}, 400, "422 validation_error"),
     (
         "messages remote image",
         {"messages": messages({"role": "user", "content": [{"type": "image_url", "image_url": "http://x/a.png"}]})},
@@ -99,8 +112,8 @@ HTTP_CASES: list[tuple[str, object, int, str | None]] = [
 
 
 @pytest.mark.parametrize(("name", "body", "status", "prefix"), HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
-def test_hostile_http_generate(triton_smollm: RunningTriton, name: str, body: object, status: int, prefix: str | None):
-    got, raw = triton_smollm.post(GENERATE, body)  # type: ignore[arg-type]
+def test_hostile_http_generate(triton_door: RunningTriton, name: str, body: object, status: int, prefix: str | None):
+    got, raw = triton_door.post(GENERATE, body)  # type: ignore[arg-type]
     assert got < 500, (name, got, raw[:300])
     assert got == status, (name, got, raw[:300])
     if got != OK:
@@ -117,8 +130,8 @@ def test_hostile_http_generate(triton_smollm: RunningTriton, name: str, body: ob
         (f"/v2/models/{MODEL}/infer", {"inputs": "nonsense"}),
     ],
 )
-def test_unknown_models_and_bad_infer_bodies(triton_smollm: RunningTriton, path: str, body: dict) -> None:
-    got, raw = triton_smollm.post(path, body)
+def test_unknown_models_and_bad_infer_bodies(triton_door: RunningTriton, path: str, body: dict) -> None:
+    got, raw = triton_door.post(path, body)
     assert 400 <= got < 500 or got == 501, (path, got, raw[:300])  # 501: HTTP /infer on a decoupled model
 
 
@@ -142,11 +155,11 @@ FRONTEND_PARSE_ERRORS: list[tuple[str, bytes]] = [
 
 @pytest.mark.parametrize(("name", "data"), FRONTEND_PARSE_ERRORS, ids=[c[0] for c in FRONTEND_PARSE_ERRORS])
 def test_triton_front_end_parse_errors_leave_the_model_ready(
-    triton_smollm: RunningTriton, name: str, data: bytes
+    triton_door: RunningTriton, name: str, data: bytes
 ) -> None:
     import urllib.request
 
-    req = urllib.request.Request(f"http://{triton_smollm.http_url}{GENERATE}", data=data)
+    req = urllib.request.Request(f"http://{triton_door.http_url}{GENERATE}", data=data)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             status, body = resp.status, resp.read()
@@ -156,7 +169,7 @@ def test_triton_front_end_parse_errors_leave_the_model_ready(
     error = json.loads(body)["error"]
     assert "parse" in error.lower() or "JSON" in error, (name, error)
     assert "engine_failure" not in error  # not our model: Triton's own parser
-    assert triton_smollm.get(f"/v2/models/{MODEL}/ready")[0] == 200
+    assert triton_door.get(f"/v2/models/{MODEL}/ready")[0] == 200
 
 
 def test_model_control_api_needs_the_key(triton_smollm: RunningTriton) -> None:
@@ -185,30 +198,31 @@ def grpc_input(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferI
 
 
 GRPC_CASES = [
-    ("text as INT32", [("text_input", np.array([[1]], dtype=np.int32), "INT32")]),
-    ("two conversations in one request", [("text_input", np.array([[b"a"], [b"b"]], dtype=np.object_), "BYTES")]),
-    ("invalid UTF-8", [("text_input", np.array([[b"\xff\xfe\xfd"]], dtype=np.object_), "BYTES")]),
+    # The model has max_batch_size 0: tensors carry no batch dimension ([1]).
+    ("text as INT32", [("text_input", np.array([1], dtype=np.int32), "INT32")]),
+    ("two conversations in one request", [("text_input", np.array([b"a", b"b"], dtype=np.object_), "BYTES")]),
+    ("invalid UTF-8", [("text_input", np.array([b"\xff\xfe\xfd"], dtype=np.object_), "BYTES")]),
     (
-        "max_tokens shape [1, 3]",
+        "max_tokens shape [3]",
         [
-            ("text_input", np.array([[b"hi"]], dtype=np.object_), "BYTES"),
-            ("max_tokens", np.array([[1, 2, 3]], dtype=np.int32), "INT32"),
+            ("text_input", np.array([b"hi"], dtype=np.object_), "BYTES"),
+            ("max_tokens", np.array([1, 2, 3], dtype=np.int32), "INT32"),
         ],
     ),
     (
         "image invalid UTF-8",
         [
-            ("text_input", np.array([[b"hi"]], dtype=np.object_), "BYTES"),
-            ("image", np.array([[b"\xff" * 10]], dtype=np.object_), "BYTES"),
+            ("text_input", np.array([b"hi"], dtype=np.object_), "BYTES"),
+            ("image", np.array([b"\xff" * 10], dtype=np.object_), "BYTES"),
         ],
     ),
 ]
 
 
-def test_hostile_grpc_stream(triton_smollm: RunningTriton) -> None:
+def test_hostile_grpc_stream(triton_door: RunningTriton) -> None:
     """Bad tensors over gRPC streaming each get an error (never a crash), then a normal request still answers."""
     responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(triton_smollm.grpc_url)
+    client = grpcclient.InferenceServerClient(triton_door.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
         for name, tensors in GRPC_CASES:
@@ -219,22 +233,22 @@ def test_hostile_grpc_stream(triton_smollm: RunningTriton) -> None:
                 name,
                 error.message(),
             )
-        ok = [grpc_input("text_input", np.array([[b"Still there?"]], dtype=np.object_), "BYTES")]
-        ok.append(grpc_input("max_tokens", np.array([[2]], dtype=np.int32), "INT32"))
+        ok = [grpc_input("text_input", np.array([b"Still there?"], dtype=np.object_), "BYTES")]
+        ok.append(grpc_input("max_tokens", np.array([2], dtype=np.int32), "INT32"))
         client.async_stream_infer(MODEL, ok, request_id="ok")
         result, error = responses.get(timeout=120)
-        assert error is None and result.as_numpy("finish_reason")[0][0] in (b"stop", b"length")
+        assert error is None and result.as_numpy("finish_reason").reshape(-1)[0] in (b"stop", b"length")
     finally:
         client.stop_stream()
         client.close()
 
 
-def test_model_stays_ready_and_answers_after_the_corpus(triton_smollm: RunningTriton) -> None:
-    assert triton_smollm.get("/v2/health/ready")[0] == 200
-    assert triton_smollm.get(f"/v2/models/{MODEL}/ready")[0] == 200
-    got, raw = triton_smollm.post(GENERATE, {"text_input": "What is a queue?", "max_tokens": 4})
+def test_model_stays_ready_and_answers_after_the_corpus(triton_door: RunningTriton) -> None:
+    assert triton_door.get("/v2/health/ready")[0] == 200
+    assert triton_door.get(f"/v2/models/{MODEL}/ready")[0] == 200
+    got, raw = triton_door.post(GENERATE, {"text_input": "What is a queue?", "max_tokens": 4})
     assert got == 200 and json.loads(raw)["completion_tokens"] > 0
     deadline = time.monotonic() + 10  # the gauge drops just after the last response is sent
-    while triton_smollm.metric("dsa_triton_running_requests") != 0 and time.monotonic() < deadline:
+    while triton_door.metric("dsa_triton_running_requests") != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert triton_smollm.metric("dsa_triton_running_requests") == 0
+    assert triton_door.metric("dsa_triton_running_requests") == 0

@@ -1,8 +1,9 @@
 """The real Triton server for tests: started once per session on free ports, shared by every module that uses it.
 
-Test modules import the fixtures they need (`from tests.serving.triton.triton_fixtures import triton_smollm`). Modules in
-different folders each get a fixture definition of their own, so the servers are kept in a module-level registry
-(started by the first user, stopped when the last session-scoped user is torn down): one server per kind per session.
+Test modules import the fixtures they need (`from tests.serving.triton.triton_fixtures import triton_smollm`).
+Modules in different folders each get a fixture definition of their own, so the servers are kept in a module-level
+registry (started by the first user, stopped when the last session-scoped user is torn down): one server per kind per
+session.
 """
 
 from __future__ import annotations
@@ -151,10 +152,11 @@ def triton_smollm(smollm_folder: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def grpc_inputs(**values: object) -> list[grpcclient.InferInput]:
-    """The model's inputs as tritonclient tensors, typed from agent.serving.triton.protocol ([1, 1] per scalar)."""
+    """The model's inputs as tritonclient tensors, typed from agent.serving.triton.protocol ([1] per scalar: the
+    model has max_batch_size 0, no batch dimension)."""
     out = []
     for name, value in values.items():
-        array = value if isinstance(value, np.ndarray) else np.array([[value]], dtype=_dtype(name))
+        array = value if isinstance(value, np.ndarray) else np.array([value], dtype=_dtype(name))
         tensor = grpcclient.InferInput(name, list(array.shape), proto.INPUT_DATATYPES[name])
         tensor.set_data_from_numpy(array)
         out.append(tensor)
@@ -178,8 +180,8 @@ def grpc_stream(grpc_url: str, inputs: list[grpcclient.InferInput], **infer: obj
         while not reason:
             result, error = responses.get(timeout=120)
             assert error is None, error
-            deltas.append(result.as_numpy("text_output")[0][0].decode())
-            reason = result.as_numpy("finish_reason")[0][0].decode()
+            deltas.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+            reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
     finally:
         client.stop_stream()
         client.close()

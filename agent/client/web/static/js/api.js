@@ -77,6 +77,8 @@ export async function getHealth() {
 }
 
 export const listSessions = async () => (await json("sessions")).sessions;
+/** GET /me: `{name, role, max_concurrent, tokens_per_minute}` of the caller (its API key's principal). */
+export const getMe = () => json("me");
 export const createSession = async () => (await json("sessions", { method: "POST" })).session_id;
 export const deleteSession = (id) => request(`sessions/${encodeURIComponent(id)}`, { method: "DELETE" });
 export const getHistory = async (id) => (await json(`history?session_id=${encodeURIComponent(id)}`)).history;

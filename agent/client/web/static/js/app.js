@@ -6,7 +6,9 @@ import { pollHealth, refreshHealth } from "./status.js";
 import { initTheme } from "./theme.js";
 
 const $ = (id) => document.getElementById(id);
-const SESSION_KEY = "newbie-app.session";
+// The last open chat, per principal: two people sharing a browser (after /logout, /login) each reopen their own.
+// The local operator (no keys) keeps the original key.
+let SESSION_KEY = "newbie-app.session";
 const IDLE_HINT = "Enter to send · Shift+Enter for a new line";
 
 const state = {
@@ -120,6 +122,10 @@ async function clearChat() {
 }
 
 async function initSessions() {
+  const me = await api.getMe().catch(() => null);
+  if (me && me.name !== "local") SESSION_KEY = `newbie-app.session.${me.name}`;
+  // The server lists only this caller's sessions (another principal's answer 404), so a saved id of someone else's
+  // chat is simply not found below.
   const saved = localStorage.getItem(SESSION_KEY);
   const sessions = await api.listSessions();
   const known = sessions.find((s) => s.session_id === saved);

@@ -1,0 +1,255 @@
+"""The targets of `make bench`: every engine through every door, timed from outside the server over its protocol,
+and the peers (llama.cpp's llama-server, `vllm serve`) on the same model, machine, workload and client.
+
+A target is `<door>/<engine>` (e.g. `gateway/onnx_int4`) or a peer's name. Doors:
+- `fastapi`: `dsa-agent serve`, the engine in the FastAPI process, OpenAI `/v1/chat/completions`;
+- `gateway`: what `make run` starts (`dsa-agent up`): FastAPI `/v1` -> Triton gRPC -> the engine in Triton;
+- `triton_http`, `triton_grpc`: Triton's HTTP `generate_stream` and gRPC stream of that same `dsa-agent up`.
+Settings shared by all: threads = usable cores (each engine's default), parallel slots = the concurrency level
+(llama-server's -np; the others batch up to 32 or more), prefix caching as each ships by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import itertools
+import logging
+import statistics
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.engine.cpu import CpuFeatures, cpu_features, usable_cores
+from bench.load import LevelResult, OpenAIStream, TritonGrpcStream, TritonHttpStream, run_level
+from bench.targets import fastapi_door, free_port, stack_door, vllm_serve
+from bench.workloads import Workload
+
+log = logging.getLogger("bench")
+
+ENGINES = ("onnx_int4", "onnx_int8", "transformers", "vllm")
+DOORS = ("fastapi", "gateway", "triton_http", "triton_grpc")
+PEERS = ("llama_server", "vllm_serve")
+TRITON_MODEL = "qwen3-vl"  # the model repository's name (the seed's), whatever model it serves
+LLAMA_CTX_PER_SLOT = 1024  # llama-server splits -c among its -np slots: room for the tutor prompt + 64 tokens
+
+
+@dataclass
+class Plan:
+    """How each target is driven: the same for every target of a run."""
+
+    levels: list[int]
+    repeats: int
+    per_level: int  # requests per client at each level (at least 4 per level)
+    tokens: int
+    workloads: list[Workload]
+
+
+def fastest_dtype(cpu: CpuFeatures | None = None) -> str:
+    """bf16 only where the CPU has it natively (AVX-512 BF16 or AMX); emulated bf16 crawls, so fp32 elsewhere."""
+    cpu = cpu_features() if cpu is None else cpu
+    return "bfloat16" if cpu.native_bf16 else "float32"
+
+
+def engine_env(engine: str, dtype: str) -> dict[str, str]:
+    """The environment that makes a door serve `engine` (as a user would set it)."""
+    if engine.startswith("onnx_"):
+        return {"LOADING_STRATEGY": "onnx", "QUANTIZATION_TYPE": engine.removeprefix("onnx_")}
+    return {"LOADING_STRATEGY": engine, "QUANTIZATION_TYPE": "none", "DTYPE": dtype, "MAX_BATCH_SIZE": "32"}
+
+
+def weight_format(target: str, dtype: str) -> str:
+    """The key of bench.floor.FORMATS (or "gguf") a target's weights are in."""
+    engine = target.rsplit("/", 1)[-1]
+    if engine == "llama_server":
+        return "gguf"
+    if engine.startswith("onnx_"):
+        return engine.removeprefix("onnx_")
+    return "bf16" if dtype == "bfloat16" else "fp32"
+
+
+def available_engines() -> list[str]:
+    """The engines whose runtime is installed here (vLLM and onnxruntime-genai are optional)."""
+    have_onnx = importlib.util.find_spec("onnxruntime_genai") is not None
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    return [e for e in ENGINES if (have_onnx or not e.startswith("onnx")) and (have_vllm or e != "vllm")]
+
+
+def shipped_engine() -> str:
+    """The engine `make run` serves with this environment: LOADING_STRATEGY=auto's choice (model_loader)."""
+    from agent.config import LoadingStrategy, load_settings
+    from agent.engine.checkpoints import resolve_model
+    from agent.serving.model_loader import choose_strategy, engine_spec
+
+    settings = load_settings()
+    if settings.loading_strategy is LoadingStrategy.triton:  # FastAPI's gateway setting; Triton runs `auto`
+        settings = settings.model_copy(update={"loading_strategy": LoadingStrategy.auto})
+    spec = engine_spec(settings, resolved=resolve_model(settings.model_path, settings.model_cache_dir))
+    strategy = choose_strategy(settings, spec)
+    if strategy is LoadingStrategy.onnx:
+        q = spec.quantization.value
+        return f"onnx_{'fp32' if q == 'none' else q}"
+    return strategy.value
+
+
+def _median_levels(runs: list[list[LevelResult]]) -> list[dict]:
+    """Per concurrency level, the median of each figure over the repeats (errors: the sum)."""
+    out = []
+    for level_runs in zip(*runs, strict=True):
+        row: dict = {"concurrency": level_runs[0].concurrency, "repeats": len(level_runs)}
+        for key, value in level_runs[0].as_dict().items():
+            if key != "concurrency" and isinstance(value, int | float):
+                values = [getattr(r, key) for r in level_runs]
+                row[key] = sum(values) if key == "errors" else statistics.median(values)
+        out.append(row)
+    return out
+
+
+async def sweep(make_client: Callable[[], object], plan: Plan, levels: list[int], numbers: Iterator[int]) -> list[dict]:
+    """`plan.repeats` sweeps over `levels`; medians per level. Request numbers come from `numbers` and are never
+    reused within a target, so a repeat or a higher level never meets a prompt a cache has already seen."""
+    runs: list[list[LevelResult]] = []
+    for rep in range(plan.repeats):
+        client = make_client()
+        try:
+            await client(next(numbers))  # warm-up request, not counted
+            results = []
+            for c in levels:
+                base = next(numbers)
+                count = max(plan.per_level * c, 4)
+                for _ in range(count):  # reserve the numbers this level uses
+                    next(numbers)
+                result = await run_level(lambda i, b=base, one=client: one(b + i), c, count)
+                log.info(
+                    "  repeat %d  c=%-3d %8.1f tok/s  ttft p50 %7.1f ms  errors %d  client cpu %.2f s",
+                    rep + 1,
+                    c,
+                    result.tok_per_s,
+                    result.ttft_p50_ms,
+                    result.errors,
+                    result.client_cpu_s,
+                )
+                results.append(result)
+        finally:
+            await client.close()
+        runs.append(results)
+    return _median_levels(runs)
+
+
+Figures = dict[str, dict[str, list[dict]]]  # workload name -> target -> rows
+
+
+class TargetFailed(RuntimeError):
+    """A server died or did not start: its target is reported as failed and the run goes on with the next."""
+
+
+def _record(figures: Figures, workload: Workload, target: str, rows: list[dict]) -> None:
+    figures.setdefault(workload.name, {})[target] = rows
+
+
+def _check_alive(proc: subprocess.Popen, target: str, log_path: Path) -> None:
+    if proc.poll() is not None:
+        raise TargetFailed(f"{target}: the server exited with {proc.returncode} (see {log_path})")
+
+
+def _time_server(
+    figures: Figures,
+    target: str,
+    plan: Plan,
+    client_for: Callable[[Workload], Callable[[], object]],
+    proc: subprocess.Popen,
+    log_path: Path,
+) -> None:
+    """Every workload against one running server; a server that dies meanwhile fails the target (its figures,
+    taken while it was crashing, are not kept)."""
+    for workload in plan.workloads:
+        log.info("%s, workload %s", target, workload.name)
+        _check_alive(proc, target, log_path)
+        rows = asyncio.run(sweep(client_for(workload), plan, plan.levels, itertools.count()))
+        _check_alive(proc, target, log_path)
+        _record(figures, workload, target, rows)
+
+
+def run_doors(
+    engine: str, doors: list[str], plan: Plan, model: str, dtype: str, logs: Path, failures: list[str]
+) -> Figures:
+    """`engine` behind each asked door: one `dsa-agent serve` for `fastapi`, one `dsa-agent up` for the rest. A
+    server that fails is recorded in `failures` and the other doors still run."""
+    figures: Figures = {}
+    env = engine_env(engine, dtype)
+    tokens = plan.tokens
+    if "fastapi" in doors:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log_path = logs / f"fastapi-{engine}.log"
+        try:
+            with fastapi_door(port, env, log_path) as proc:
+                client_for = lambda w: lambda: OpenAIStream(url, model, tokens, w)  # noqa: E731
+                _time_server(figures, f"fastapi/{engine}", plan, client_for, proc, log_path)
+        except (TargetFailed, RuntimeError, TimeoutError) as exc:
+            _failed(failures, f"fastapi/{engine}", exc)
+    stack = [d for d in doors if d != "fastapi"]
+    if stack:
+        port, http, grpc, metrics = free_port(), free_port(), free_port(), free_port()
+        url, http_url, grpc_url = f"http://127.0.0.1:{port}", f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
+        clients = {
+            "gateway": lambda w: lambda: OpenAIStream(url, model, tokens, w),
+            "triton_http": lambda w: lambda: TritonHttpStream(http_url, TRITON_MODEL, tokens, w),
+            "triton_grpc": lambda w: lambda: TritonGrpcStream(grpc_url, TRITON_MODEL, tokens, w),
+        }
+        log_path = logs / f"stack-{engine}.log"
+        try:
+            with stack_door(port, http, grpc, metrics, env, log_path) as proc:
+                for door in stack:
+                    _time_server(figures, f"{door}/{engine}", plan, clients[door], proc, log_path)
+        except (TargetFailed, RuntimeError, TimeoutError) as exc:
+            _failed(failures, f"{'/'.join(stack)}/{engine}", exc)
+    return figures
+
+
+def _failed(failures: list[str], target: str, exc: BaseException) -> None:
+    log.error("%s failed: %s", target, exc)
+    failures.append(f"{target}: {exc}")
+
+
+def run_vllm_serve(plan: Plan, folder: Path, model: str, dtype: str, logs: Path) -> Figures:
+    figures: Figures = {}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = logs / "vllm_serve.log"
+    with vllm_serve(folder, model, port, eager=True, log_path=log_path, dtype=dtype) as proc:
+        client_for = lambda w: lambda: OpenAIStream(url, model, plan.tokens, w)  # noqa: E731
+        _time_server(figures, "vllm_serve", plan, client_for, proc, log_path)
+    return figures
+
+
+def run_llama_server(plan: Plan, binary: Path, gguf: Path, logs: Path) -> Figures:
+    """llama-server restarted per level: its parallel slots (-np) equal the concurrency, as the issue asks."""
+    from bench.peers.llama_server import llama_server
+
+    figures: Figures = {}
+    for workload in plan.workloads:
+        numbers = itertools.count()
+        rows: list[dict] = []
+        for c in plan.levels:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log.info("llama_server -np %d, workload %s", c, workload.name)
+            server: AbstractContextManager = llama_server(
+                binary, gguf, port, usable_cores(), c, LLAMA_CTX_PER_SLOT * c, logs / f"llama_server-{c}.log"
+            )
+            with server as proc:
+                client = functools.partial(OpenAIStream, url, "llama-server", plan.tokens, workload)
+                rows += asyncio.run(sweep(client, plan, [c], numbers))
+                _check_alive(proc, f"llama_server -np {c}", logs / f"llama_server-{c}.log")
+        _record(figures, workload, "llama_server", rows)
+    return figures
+
+
+def merge(into: Figures, more: Figures) -> Figures:
+    for workload, targets in more.items():
+        into.setdefault(workload, {}).update(targets)
+    return into

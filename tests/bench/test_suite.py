@@ -1,0 +1,125 @@
+"""The bench's targets and sweeps: a real HTTP door (FastAPI + uvicorn, the deterministic FakeEngine) driven by the
+OpenAI client exactly as `make bench` drives a server, plus the choices made per CPU and per engine."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.config import load_settings
+from agent.engine.cpu import CpuFeatures
+from agent.engine.fake import FakeEngine
+from agent.engine.types import GenerationRequest
+from agent.serving.model_server import create_app
+from bench import suite
+from bench.load import OpenAIStream, RequestSample
+from bench.targets import free_port, server
+from bench.workloads import random_workload, tutor_workload
+from tests.serving.live import serving
+
+
+class RecordingEngine(FakeEngine):
+    """FakeEngine that keeps every prompt it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[str] = []
+
+    async def generate(self, request: GenerationRequest):  # type: ignore[override]
+        self.prompts.append(request.messages[-1].text_content)
+        async for chunk in super().generate(request):
+            yield chunk
+
+
+async def test_a_sweep_through_a_real_door_never_repeats_a_prompt(tmp_path: Path) -> None:
+    engine = RecordingEngine()
+    await engine.start()
+    workload = random_workload(32)
+    plan = suite.Plan(levels=[1, 3], repeats=2, per_level=2, tokens=5, workloads=[workload])
+    async with serving(create_app(load_settings(history_db=tmp_path / "h.sqlite3"), engine)) as url:
+        client = lambda: OpenAIStream(url, "fake", plan.tokens, workload)  # noqa: E731
+        rows = await suite.sweep(client, plan, [1, 3], itertools.count())
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    for row, requests in zip(rows, (4, 6), strict=True):  # at least 4 per level; 2 per client at 3
+        assert (row["requests"], row["errors"], row["tokens"], row["repeats"]) == (requests, 0, requests * 5, 2)
+        assert row["tok_per_s"] > 0 and row["client_cpu_s"] >= 0
+    # 2 repeats x (1 warm-up + 4 + 6 requests): every prompt distinct, so no cache could have been hit.
+    assert len(engine.prompts) == 22 and len(set(engine.prompts)) == 22
+
+
+class Flaky:
+    """A client whose odd-numbered requests fail."""
+
+    async def __call__(self, i: int) -> RequestSample:
+        if i % 2:
+            raise RuntimeError("refused")
+        return RequestSample(ttft=0.01, e2e=0.02, tokens=3, gaps=[0.005, 0.005])
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_failed_requests_are_counted_and_summed_over_repeats() -> None:
+    plan = suite.Plan(levels=[2], repeats=2, per_level=2, tokens=3, workloads=[tutor_workload()])
+    rows = await suite.sweep(Flaky, plan, [2], itertools.count())
+    assert (rows[0]["requests"], rows[0]["errors"]) == (2, 4)  # per repeat 2 of 4 fail; errors add up
+
+
+async def test_a_target_that_fails_its_warm_up_stops_the_run(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    await engine.start()
+    plan = suite.Plan(levels=[2], repeats=1, per_level=2, tokens=0, workloads=[tutor_workload()])
+    async with serving(create_app(load_settings(history_db=tmp_path / "h.sqlite3"), engine)) as url:
+        # max_tokens=0 is refused (422): a broken target stops loudly instead of reporting a table of errors.
+        with pytest.raises(httpx.HTTPStatusError):
+            await suite.sweep(lambda: OpenAIStream(url, "fake", 0, tutor_workload()), plan, [2], itertools.count())
+
+
+def test_fastest_dtype_is_bf16_only_where_the_cpu_has_it() -> None:
+    assert suite.fastest_dtype(CpuFeatures(frozenset({"avx2", "avx512f", "avx512_bf16"}))) == "bfloat16"
+    assert suite.fastest_dtype(CpuFeatures(frozenset({"avx2", "amx_bf16"}))) == "bfloat16"
+    assert suite.fastest_dtype(CpuFeatures(frozenset({"avx2", "fma"}))) == "float32"  # AMD Zen 3
+
+
+def test_engine_env_and_weight_format() -> None:
+    assert suite.engine_env("onnx_int8", "float32") == {"LOADING_STRATEGY": "onnx", "QUANTIZATION_TYPE": "int8"}
+    assert suite.engine_env("vllm", "float32")["DTYPE"] == "float32"
+    assert suite.weight_format("gateway/onnx_int4", "bfloat16") == "int4"
+    assert suite.weight_format("inprocess/onnx_int8", "bfloat16") == "int8"
+    assert suite.weight_format("fastapi/vllm", "bfloat16") == "bf16"
+    assert suite.weight_format("vllm_serve", "float32") == "fp32"
+    assert suite.weight_format("llama_server", "float32") == "gguf"
+
+
+def test_shipped_engine_is_what_auto_serves_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("LOADING_STRATEGY", "QUANTIZATION_TYPE", "DTYPE", "MODEL_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert suite.shipped_engine() == "onnx_int4"  # the seed's QUANTIZATION_TYPE=int4 on CPU (model_loader)
+    monkeypatch.setenv("QUANTIZATION_TYPE", "int8")
+    assert suite.shipped_engine() == "onnx_int8"
+    monkeypatch.setenv("LOADING_STRATEGY", "vllm")
+    assert suite.shipped_engine() == "vllm"
+
+
+def test_a_server_that_died_fails_its_target_and_keeps_no_figures(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    plan = suite.Plan(levels=[1], repeats=1, per_level=1, tokens=3, workloads=[tutor_workload()])
+    figures: suite.Figures = {}
+    with pytest.raises(suite.TargetFailed, match="exited with 3"):
+        suite._time_server(figures, "fastapi/x", plan, lambda w: Flaky, dead, tmp_path / "x.log")
+    assert figures == {}
+
+
+def test_the_server_helper_yields_a_live_process_and_stops_its_group(tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+    with server(cmd, f"http://127.0.0.1:{port}/", {}, tmp_path / "http.log", timeout=60) as proc:
+        assert proc.poll() is None
+        suite._check_alive(proc, "http", tmp_path / "http.log")  # alive: no error
+    assert proc.poll() is not None
