@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 REPO = Path(__file__).resolve().parents[2]
 
-# --- the seed's snippets, verbatim (docs: /work/shared/seed/triton-integration-guide.md) ------------------------
+# --- the seed's snippets (the Triton integration guide), verbatim -----------------------------------------------
 SEED_HTTP = """
 from agent.client.triton_client import TritonHttpClient
 
