@@ -33,7 +33,7 @@ from agent.engine.detokenize import StopMatcher
 from agent.engine.onnx.kv import KvPool, PrefixCache
 from agent.engine.onnx.runner import DecoderRunner
 from agent.engine.onnx.sampling import choose_token
-from agent.engine.scheduler_thread import SchedulerThread
+from agent.engine.scheduler_thread import InboxSchedulerThread
 from agent.engine.structured.grammar import GrammarState, apply_masks
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
@@ -137,7 +137,7 @@ class SchedulerLimits:
     prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one prompt)
 
 
-class OnnxScheduler(SchedulerThread):
+class OnnxScheduler(InboxSchedulerThread):
     """Admits, prefills, decodes and retires sequences on one background thread."""
 
     def __init__(self, runner: DecoderRunner, prefixes: PrefixCache, *, limits: SchedulerLimits, stats: EngineStats):
@@ -149,24 +149,7 @@ class OnnxScheduler(SchedulerThread):
         self.waiting: deque[OnnxSequence] = deque()
         self.running: list[OnnxSequence] = []  # running[i] owns pool row i
         self.prefilling: OnnxSequence | None = None  # a prompt being prefilled in chunks, in row len(running)
-        self._inbox: list[OnnxSequence] = []
-        self._aborts: set[str] = set()
         super().__init__("onnx-scheduler")
-
-    # --- called from other threads ------------------------------------------------------------------------------
-    def submit(self, seq: OnnxSequence) -> None:
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("scheduler stopped")
-            seq.on_finish = self._update_stats
-            self._inbox.append(seq)
-            self.stats.waiting += 1
-            self._cond.notify()
-
-    def abort(self, request_id: str) -> None:
-        with self._cond:
-            self._aborts.add(request_id)
-            self._cond.notify()
 
     # --- the scheduler thread -----------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.engine.detokenize import StopMatcher
 from agent.engine.errors import InvalidRequestError
-from agent.engine.scheduler_thread import SchedulerThread
+from agent.engine.scheduler_thread import InboxSchedulerThread
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -93,32 +93,15 @@ class OvSequence:
         self.sink(GenerationChunk(self.request_id, text, self.prompt_tokens, self.generated, reason))
 
 
-class OvScheduler(SchedulerThread):
+class OvScheduler(InboxSchedulerThread):
     """Adds, steps, streams and retires requests of one ContinuousBatchingPipeline on a background thread."""
 
     def __init__(self, pipeline: Any, *, stats: EngineStats) -> None:
         self.pipeline = pipeline
         self.stats = stats
         self.active: dict[int, OvSequence] = {}  # pipeline request id -> sequence
-        self._inbox: list[OvSequence] = []
-        self._aborts: set[str] = set()
         self._ids = itertools.count()
         super().__init__("openvino-scheduler")
-
-    # --- called from other threads ------------------------------------------------------------------------------
-    def submit(self, seq: OvSequence) -> None:
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("scheduler stopped")
-            seq.on_finish = self._update_stats
-            self._inbox.append(seq)
-            self.stats.waiting += 1
-            self._cond.notify()
-
-    def abort(self, request_id: str) -> None:
-        with self._cond:
-            self._aborts.add(request_id)
-            self._cond.notify()
 
     # --- the scheduler thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
