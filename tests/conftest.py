@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import DType, Quantization, load_settings
+from tests.engines import started, tiny_vl_spec
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,28 +68,14 @@ async def smollm_engine(smollm_spec):
     """One started transformers engine on SmolLM2 for the whole test session."""
     from agent.engine.transformers.engine import TransformersEngine
 
-    engine = TransformersEngine(smollm_spec)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+    async with started(TransformersEngine(smollm_spec)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")
 async def tiny_vl_engine(tiny_vl_folder: Path, engine_device: str, engine_dtype: DType):
     """One started transformers engine on the tiny Qwen3-VL for the whole test session."""
-    from agent.engine.spec import EngineSpec
     from agent.engine.transformers.engine import TransformersEngine
 
-    spec = EngineSpec(
-        folder=tiny_vl_folder,
-        name="tiny-qwen3-vl",
-        dtype=engine_dtype,
-        quantization=Quantization.none,
-        max_batch_size=8,
-        image_max_pixels=256 * 256,
-        device=engine_device,
-    )
-    engine = TransformersEngine(spec)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+    async with started(TransformersEngine(tiny_vl_spec(tiny_vl_folder, engine_dtype, engine_device))) as engine:
+        yield engine

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -50,71 +48,22 @@ TEXT = {
 
 def shape_config(tokenizer, layers: int = 2):
     """The Qwen3VLConfig: Qwen3-VL-2B's vision tower and decoder widths, `layers` decoder layers, `tokenizer`'s ids."""
-    from transformers import Qwen3VLConfig
+    from agent.devtools.tiny_qwen3vl import qwen3vl_config
 
-    from agent.devtools.tiny_qwen3vl import SPECIAL_TOKENS
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = {
-        **TEXT,
-        "num_hidden_layers": layers,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=VISION,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-
-
-def _build_into(folder: Path, layers: int) -> None:
-    import torch
-    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from agent.devtools.tiny_qwen3vl import CHAT_TEMPLATE, SEED, _train_tokenizer
-    from agent.engine.transformers.loading import NoVideoQwen3VLProcessor
-
-    torch.manual_seed(SEED)
-    tokenizer = _train_tokenizer()
-    config = shape_config(tokenizer, layers)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    text = config.text_config
-    model.generation_config = GenerationConfig(eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=1024 * 1024
-    )
-    processor = NoVideoQwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
-    )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    return qwen3vl_config(tokenizer, {**TEXT, "num_hidden_layers": layers}, VISION, tie_word_embeddings=True)
 
 
 def build_qwen3vl_shape(out: Path, layers: int = 2) -> Path:
     """Build the model into `out` once (atomically) and return `out`; returns at once if it exists."""
-    out = Path(out)
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _build_into(tmp, layers)
-        tmp.rename(out)
-    except OSError:
-        if not (out / "config.json").exists():  # not just "another process finished first"
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the Qwen3-VL-2B-shaped model (%d decoder layers) in %s", layers, out)
+    from agent.devtools.tiny_qwen3vl import build_once, save_random_qwen3vl
+
+    built = (Path(out) / "config.json").exists()
+    out = build_once(
+        out,
+        lambda folder: save_random_qwen3vl(folder, lambda tok: shape_config(tok, layers), max_pixels=1024 * 1024),
+    )
+    if not built:
+        log.info("built the Qwen3-VL-2B-shaped model (%d decoder layers) in %s", layers, out)
     return out
 
 

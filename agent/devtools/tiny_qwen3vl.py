@@ -88,10 +88,29 @@ def _train_tokenizer():
     return fast
 
 
-def _config(tokenizer):
+def qwen3vl_config(tokenizer, text: dict, vision: dict, tie_word_embeddings: bool):
+    """A Qwen3VLConfig from `text`/`vision` widths, with `tokenizer`'s ids for Qwen's special tokens."""
     from transformers import Qwen3VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = {
+        **text,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def _config(tokenizer):
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
@@ -103,9 +122,6 @@ def _config(tokenizer):
         "max_position_embeddings": 4096,
         # mrope_section must sum to head_dim / 2.
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
     }
     vision = {
         "depth": 2,
@@ -119,19 +135,12 @@ def _config(tokenizer):
         "num_position_embeddings": 64,  # a perfect square
         "deepstack_visual_indexes": [1],  # below depth
     }
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        # Untied: with tied random embeddings greedy decoding just echoes the last input token.
-        tie_word_embeddings=False,
-    )
+    # Untied: with tied random embeddings greedy decoding just echoes the last input token.
+    return qwen3vl_config(tokenizer, text, vision, tie_word_embeddings=False)
 
 
-def _build_into(folder: Path) -> None:
+def save_random_qwen3vl(folder: Path, make_config, max_pixels: int) -> None:
+    """Seed, train the tokenizer, build `make_config(tokenizer)`'s random model and save it with its processor."""
     import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -140,13 +149,13 @@ def _build_into(folder: Path) -> None:
 
     torch.manual_seed(SEED)
     tokenizer = _train_tokenizer()
-    config = _config(tokenizer)
+    config = make_config(tokenizer)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_config.pad_token_id
     )
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=512 * 512
+        patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=max_pixels
     )
     processor = NoVideoQwen3VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
@@ -155,8 +164,8 @@ def _build_into(folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def build_tiny_qwen3vl(out: Path) -> Path:
-    """Build the tiny Qwen3-VL into `out` once (atomically) and return `out`; returns at once if it exists."""
+def build_once(out: Path, build_into) -> Path:
+    """Run `build_into(tmp)` and rename tmp to `out` (atomic; concurrent builders are fine); skip if `out` exists."""
     out = Path(out)
     if (out / "config.json").exists():
         return out
@@ -165,14 +174,22 @@ def build_tiny_qwen3vl(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _build_into(tmp)
+        build_into(tmp)
         tmp.rename(out)
     except OSError:
         if not (out / "config.json").exists():  # not just "another process finished first"
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built tiny Qwen3-VL in %s", out)
+    return out
+
+
+def build_tiny_qwen3vl(out: Path) -> Path:
+    """Build the tiny Qwen3-VL into `out` once (atomically) and return `out`; returns at once if it exists."""
+    built = (Path(out) / "config.json").exists()
+    out = build_once(out, lambda folder: save_random_qwen3vl(folder, _config, max_pixels=512 * 512))
+    if not built:
+        log.info("built tiny Qwen3-VL in %s", out)
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.engines import started, tiny_vl_spec
+
 ENGINE_KINDS = ["transformers", "vllm", "onnx", "openvino"]
 
 # kind -> (session fixture yielding a started engine, extra pytest marks)
@@ -24,20 +26,16 @@ _ENGINE_FIXTURES: dict[str, tuple[str, tuple[pytest.MarkDecorator, ...]]] = {
 async def vllm_smollm_engine(smollm_spec):
     from agent.engine.vllm.engine import VllmEngine
 
-    engine = VllmEngine(smollm_spec)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+    async with started(VllmEngine(smollm_spec)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")
 async def onnx_smollm_engine(smollm_spec):
     from agent.engine.onnx.engine import OnnxEngine
 
-    engine = OnnxEngine(smollm_spec)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+    async with started(OnnxEngine(smollm_spec)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")
@@ -45,31 +43,17 @@ async def openvino_smollm_engine(smollm_spec):
     """The OpenVINO engine on SmolLM2's fp32 export (exported once into the model cache by the export venv)."""
     from agent.engine.openvino.engine import OpenVinoEngine
 
-    engine = OpenVinoEngine(smollm_spec)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+    async with started(OpenVinoEngine(smollm_spec)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")
 async def openvino_tiny_vl_engine(tiny_vl_folder, engine_dtype):
     """The OpenVINO engine on the tiny Qwen3-VL's fp32 export, with the same pixel budget as `tiny_vl_engine`."""
-    from agent.config import Quantization
     from agent.engine.openvino.engine import OpenVinoEngine
-    from agent.engine.spec import EngineSpec
 
-    spec = EngineSpec(
-        folder=tiny_vl_folder,
-        name="tiny-qwen3-vl",
-        dtype=engine_dtype,
-        quantization=Quantization.none,
-        max_batch_size=8,
-        image_max_pixels=256 * 256,
-    )
-    engine = OpenVinoEngine(spec)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+    async with started(OpenVinoEngine(tiny_vl_spec(tiny_vl_folder, engine_dtype))) as engine:
+        yield engine
 
 
 @pytest.fixture(

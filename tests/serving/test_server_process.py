@@ -14,7 +14,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,16 +105,20 @@ def test_overload_gets_only_200_and_429_with_retry_after_and_bounded_memory(stat
     log.info("overload: %d requests, %s; peak RSS %.0f MiB", len(statuses), sorted(set(statuses)), peak / 2**20)
 
 
-def test_kill_9_during_a_burst_loses_no_acknowledged_turn(state: dict) -> None:
-    server: ServerProcess = state.get("first") or start(state, "first")
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        sessions = [http.post("/sessions").json()["session_id"] for _ in range(6)]
+def open_sessions(url: str, n: int) -> list[str]:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        return [http.post("/sessions").json()["session_id"] for _ in range(n)]
+
+
+def chat_until_killed(url: str, sessions: list[str], kill: Callable[[], None], pause: float) -> list[tuple]:
+    """One client per session sends /chat turns; after 8 are acknowledged, `kill()` the server mid-burst (requests
+    in flight and queued). Returns the acknowledged (session, message, answer) turns; a 429 waits `pause` s."""
     acknowledged: list[tuple[str, str, str]] = []
     lock = threading.Lock()
     killed = threading.Event()
 
     def chatter(session: str) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
+        with httpx.Client(base_url=url, timeout=60) as http:
             for n in range(1000):
                 if killed.is_set():
                     return
@@ -128,29 +132,43 @@ def test_kill_9_during_a_burst_loses_no_acknowledged_turn(state: dict) -> None:
                         acknowledged.append((session, message, response.json()["response"]))
                 else:
                     assert response.status_code == 429, response.text
-                    time.sleep(0.2)
+                    time.sleep(pause)
 
     with ThreadPoolExecutor(len(sessions)) as pool:
         futures = [pool.submit(chatter, s) for s in sessions]
         deadline = time.monotonic() + 120
         while len(acknowledged) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
-        server.signal(signal.SIGKILL)  # mid-burst: requests are in flight and queued
+        kill()
         killed.set()
         for future in futures:
             future.result()
-    assert server.wait(10) == -signal.SIGKILL
     assert len(acknowledged) >= 8
+    return acknowledged
 
-    restarted = start(state, "restarted")
-    state["restarted"] = restarted
-    with httpx.Client(base_url=restarted.url, timeout=30) as http:
+
+def assert_turns_kept(url: str, sessions: list[str], acknowledged: list[tuple], alternating: bool = False) -> None:
+    """Every acknowledged turn is in its session's history (and, if `alternating`, the history is user/assistant
+    pairs)."""
+    with httpx.Client(base_url=url, timeout=30) as http:
         for session in sessions:
             history = http.get("/history", params={"session_id": session}).json()["history"]
             pairs = {(u["content"], a["content"]) for u, a in zip(history[::2], history[1::2], strict=True)}
-            assert [t["role"] for t in history] == ["user", "assistant"] * (len(history) // 2)
+            if alternating:
+                assert [t["role"] for t in history] == ["user", "assistant"] * (len(history) // 2)
             mine = {(m, r) for s, m, r in acknowledged if s == session}
             assert mine <= pairs, f"lost {len(mine - pairs)} acknowledged turns of {session}"
+
+
+def test_kill_9_during_a_burst_loses_no_acknowledged_turn(state: dict) -> None:
+    server: ServerProcess = state.get("first") or start(state, "first")
+    sessions = open_sessions(server.url, 6)
+    acknowledged = chat_until_killed(server.url, sessions, lambda: server.signal(signal.SIGKILL), pause=0.2)
+    assert server.wait(10) == -signal.SIGKILL
+
+    restarted = start(state, "restarted")
+    state["restarted"] = restarted
+    assert_turns_kept(restarted.url, sessions, acknowledged, alternating=True)
 
 
 def test_sigterm_drains_the_in_flight_stream_then_exits(state: dict) -> None:
@@ -257,52 +275,14 @@ def test_shipped_stack_kill_9_loses_no_acknowledged_turn_and_sigterm_drains(
     env = {**SHIPPED_LIMITS, "MAX_NEW_TOKENS": "400", "GRACEFUL_SHUTDOWN_SECONDS": "30"}
     first = StackProcess(tmp_path, env).start()
     try:
-        with httpx.Client(base_url=first.url, timeout=30) as http:
-            sessions = [http.post("/sessions").json()["session_id"] for _ in range(4)]
-        acknowledged: list[tuple[str, str, str]] = []
-        lock = threading.Lock()
-        killed = threading.Event()
-
-        def chatter(session: str) -> None:
-            with httpx.Client(base_url=first.url, timeout=60) as http:
-                for n in range(1000):
-                    if killed.is_set():
-                        return
-                    message = f"Turn {n} in {session[:6]}: name a data structure."
-                    try:
-                        response = http.post(
-                            "/chat", json={"message": message, "session_id": session, "max_new_tokens": 2}
-                        )
-                    except httpx.TransportError:
-                        return  # the stack is gone: this turn was never acknowledged
-                    if response.status_code == 200:
-                        with lock:
-                            acknowledged.append((session, message, response.json()["response"]))
-                    else:
-                        assert response.status_code == 429, response.text
-                        time.sleep(0.1)
-
-        with ThreadPoolExecutor(len(sessions)) as pool:
-            futures = [pool.submit(chatter, s) for s in sessions]
-            deadline = time.monotonic() + 120
-            while len(acknowledged) < 8 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            kill_9_all(first)  # mid-burst: requests are in flight and queued
-            killed.set()
-            for future in futures:
-                future.result()
-        assert len(acknowledged) >= 8
+        sessions = open_sessions(first.url, 4)
+        acknowledged = chat_until_killed(first.url, sessions, lambda: kill_9_all(first), pause=0.1)
     finally:
         first.stop()
 
     second = StackProcess(tmp_path, env).start()  # same HISTORY_DB (and a fresh runtime repository)
     try:
-        with httpx.Client(base_url=second.url, timeout=30) as http:
-            for session in sessions:
-                history = http.get("/history", params={"session_id": session}).json()["history"]
-                pairs = {(u["content"], a["content"]) for u, a in zip(history[::2], history[1::2], strict=True)}
-                mine = {(m, r) for s, m, r in acknowledged if s == session}
-                assert mine <= pairs, f"lost {len(mine - pairs)} acknowledged turns of {session}"
+        assert_turns_kept(second.url, sessions, acknowledged)
 
         body = {
             "messages": [{"role": "user", "content": "Count to a thousand."}],
