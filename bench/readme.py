@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.report import label, level, machine_line, summary_table
+from bench.report import label, level, machine_line, precision_words, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -39,8 +39,8 @@ def section(result: dict, link: str) -> str:
     r, f = result["ratios"], result["floor_fraction"]
     lines = [
         f"Latest run ({result['date'][:10]}; {machine_line(result)}; every request streams "
-        f"{s['tokens_per_request']} tokens, greedy, `ignore_eos`; medians of {s['repeats']}; engines and "
-        f"`vllm serve` in {s['dtype']}; full tables, JSON and plot in [{link}]({link})):",
+        f"{s['tokens_per_request']} tokens, greedy, `ignore_eos`; medians of {s['repeats']}; "
+        f"{precision_words(s['dtype'])}; full tables, JSON and plot in [{link}]({link})):",
     ]
     for name, targets in result["targets"].items():
         meta = result["workloads"].get(name, {})
@@ -71,6 +71,24 @@ def section(result: dict, link: str) -> str:
     return "\n".join(lines)
 
 
+# The side benchmarks `make bench` also runs; each writes bench/results/<date>-<kind>.{json,md}, the .md opening
+# with a "# title" line. The README carries the newest of each, as written (their figures come from their JSON).
+SIDE_RESULTS = ("openvino-vision", "structured-output", "affinity", "history-store")
+
+
+def side_sections(folder: Path, readme_dir: Path) -> str:
+    """The newest Markdown result of each side benchmark, its title in bold and a link to it."""
+    parts = []
+    for kind in SIDE_RESULTS:
+        found = sorted(folder.glob(f"*-{kind}.md"))
+        if not found:
+            continue
+        title, _, body = found[-1].read_text().strip().partition("\n")
+        link = Path(os.path.relpath(found[-1].resolve(), readme_dir.resolve())).as_posix()
+        parts.append(f"**{title.lstrip('# ').strip()}** ([{link}]({link})):\n{body.rstrip()}")
+    return "\n\n".join(parts)
+
+
 def rewrite(readme: str, generated: str) -> str:
     """`readme` with the text between the markers replaced by `generated`."""
     if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
@@ -99,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     path = (args.result or newest_result()).resolve()
     result = json.loads(path.read_text())
     link = Path(os.path.relpath(path.with_suffix(".md"), args.readme.resolve().parent)).as_posix()
-    args.readme.write_text(rewrite(args.readme.read_text(), section(result, link)))
+    generated = section(result, link)
+    side = side_sections(path.parent, args.readme.parent)
+    generated = f"{generated}\n\n{side}" if side else generated
+    args.readme.write_text(rewrite(args.readme.read_text(), generated))
     sys.stdout.write(f"README performance section rewritten from {path}\n")
     return 0
 

@@ -43,6 +43,11 @@ def label(target: str) -> str:
     return f"{ENGINE_LABELS.get(engine, engine)} · {DOOR_LABELS.get(door, door)}"
 
 
+def precision_words(dtype: str) -> str:
+    """What each engine computes in: `dtype` only for the unquantized ones; the ONNX targets name their own."""
+    return f"unquantized engines and `vllm serve` in {dtype}, ONNX targets in the precision their name gives"
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -245,7 +250,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Benchmark {result['date']}: {machine_line(result)}.",
         f"{s['tokens_per_request']} tokens per request (greedy, ignore_eos), medians of {s['repeats']} sweep(s); "
-        f"engines and `vllm serve` in {s['dtype']}; `make run` = {label(s['shipped'])}.",
+        f"{precision_words(s['dtype'])}; `make run` = {label(s['shipped'])}.",
     ]
     if s.get("failures"):
         lines += ["", "**Failed targets** (no figures kept): " + "; ".join(s["failures"])]

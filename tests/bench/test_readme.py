@@ -49,6 +49,20 @@ def test_main_rewrites_the_readme_from_the_newest_result(tmp_path: Path) -> None
     assert "old figures" not in text and "(results/run.md)" in text and "hand-written" in text
 
 
+def test_main_adds_the_newest_side_results(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "run.json").write_text(json.dumps(_result()))
+    (results / "2026-01-01-affinity.md").write_text("# Affinity, old\n\n| policy | hit |\n| rr | 0.1 |\n")
+    (results / "2026-02-01-affinity.md").write_text("# Affinity vs round robin\n\n| policy | hit |\n| rr | 0.2 |\n")
+    target = tmp_path / "README.md"
+    target.write_text(README)
+    readme.main([str(results / "run.json"), "--readme", str(target)])
+    text = target.read_text()
+    assert "**Affinity vs round robin** ([results/2026-02-01-affinity.md](results/2026-02-01-affinity.md))" in text
+    assert "| rr | 0.2 |" in text and "Affinity, old" not in text
+
+
 def test_the_projects_readme_has_the_markers() -> None:
     text = readme.README.read_text()
     assert text.count(readme.BEGIN) == 1 and text.count(readme.END) == 1
