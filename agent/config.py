@@ -164,8 +164,10 @@ class Settings(BaseSettings):
     """Tokens (prompt + completion) one principal may use per clock minute, across every replica (429 with
     Retry-After beyond); 0 = no limit. A key's `tokens_per_minute` in API_KEYS_FILE overrides it."""
     principal_lease_seconds: float = Field(900.0, ge=1.0)
-    """A concurrency slot held by a replica that died is freed after this many seconds (keep it above the longest
-    answer)."""
+    """The longest one request may hold a principal's concurrency slot (keep it above the longest answer)."""
+    principal_lease_ttl_seconds: float = Field(30.0, ge=1.0)
+    """A replica renews its slots every third of this; one that died (kill -9, OOM, a lost node) frees them within
+    this many seconds."""
     public_paths: Annotated[list[str], NoDecode] = ["/health", "/metrics"]
     """Comma-separated paths answered without an API key; an entry ending in `*` is a prefix (e.g. `/v1/models*`)."""
     cors_origins: Annotated[list[str], NoDecode] = []

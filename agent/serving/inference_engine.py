@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # only handed in: the FastAPI app builds them (api/ imports t
     from agent.serving.api.history_store import HistoryStore, StoredTurn
     from agent.serving.api.principals import Principal
     from agent.serving.api.quotas import PrincipalLimits
+    from agent.serving.api.store import UsageRecord
 
 OPERATOR = "local"  # who calls when no principal is given (no keys configured): agent.serving.api.principals
 
@@ -117,16 +118,27 @@ class ChatService:
         request = GenerationRequest(messages=tuple(messages), sampling=sampling)
         parts: list[str] = []
         last: GenerationChunk | None = None
-        async with contextlib.aclosing(self.generate(request, principal)) as chunks:
-            async for chunk in chunks:
-                if chunk.text:
-                    parts.append(chunk.text)
-                    yield ChatDelta(chunk.text)
-                last = chunk
-        last = final_chunk(last, request.request_id)
-        answer = "".join(parts)
-        if last.finish_reason in ("stop", "length"):
-            await self.store.append_turn(session, message, answer, has_image=image_b64 is not None, asked_at=asked_at)
+        usage: UsageRecord | None = None  # counted when the generation finishes, written with the turn
+        try:
+            generation = self.generate(request, principal, record_usage=False)
+            async with contextlib.aclosing(generation) as chunks:
+                async for chunk in chunks:
+                    last = chunk
+                    if chunk.finished and self.quotas is not None and principal is not None:
+                        usage = self.quotas.usage(principal, chunk.prompt_tokens, chunk.completion_tokens)
+                    if chunk.text:
+                        parts.append(chunk.text)
+                        yield ChatDelta(chunk.text)
+            last = final_chunk(last, request.request_id)
+            answer = "".join(parts)
+            if last.finish_reason in ("stop", "length"):
+                await self.store.append_turn(
+                    session, message, answer, has_image=image_b64 is not None, asked_at=asked_at, usage=usage
+                )
+                usage = None  # written in the turn's transaction
+        finally:
+            if usage is not None and self.quotas is not None:  # no turn stored (error, client gone): usage alone
+                await self.quotas.store_usage(usage)
         yield ChatReply(
             session_id=session,
             response=answer,
@@ -136,9 +148,10 @@ class ChatService:
         )
 
     async def generate(
-        self, request: GenerationRequest, principal: Principal | None = None
+        self, request: GenerationRequest, principal: Principal | None = None, *, record_usage: bool = True
     ) -> AsyncIterator[GenerationChunk]:
-        """`runner.generate` within the principal's limits (429 beyond), recording its usage when it finishes."""
+        """`runner.generate` within the principal's limits (429 beyond), recording its usage when it finishes
+        (unless `record_usage` is False: the caller writes it, e.g. with the chat turn)."""
         if self.quotas is None or principal is None:
             async with contextlib.aclosing(self.runner.generate(request)) as chunks:
                 async for chunk in chunks:
@@ -146,7 +159,7 @@ class ChatService:
             return
         async with self.quotas.admit(principal), contextlib.aclosing(self.runner.generate(request)) as chunks:
             async for chunk in chunks:
-                if chunk.finished:  # counted before the last chunk goes out: the caller may stop reading there
+                if chunk.finished and record_usage:  # before the last chunk goes out: the caller may stop there
                     await self.quotas.record(principal, chunk.prompt_tokens, chunk.completion_tokens)
                 yield chunk
 

@@ -145,3 +145,35 @@ async def test_message_limit_and_sessions(tmp_path: Path) -> None:
     assert (await service.chat(None, "back", None, SAMPLING)).session_id == "default"
     assert await service.clear_history(None) == "default"
     assert (await service.history(None))[1] == []
+
+
+async def quota_service(tmp_path: Path, engine: FakeEngine | None = None):
+    from agent.serving.api.principals import Principal, Role
+    from agent.serving.api.quotas import PrincipalLimits, PrincipalMetrics
+
+    service = await make_service(tmp_path, engine)
+    service.quotas = PrincipalLimits(service.store, service.settings, PrincipalMetrics())
+    return service, Principal("ada", Role.learner)
+
+
+async def test_a_turn_and_its_usage_are_written_once_together(tmp_path: Path) -> None:
+    service, ada = await quota_service(tmp_path)
+    reply = await service.chat(None, "What is a heap?", None, SAMPLING, ada)
+    rows = await service.store.usage("ada")
+    assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [
+        (1, reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    ]
+    assert len((await service.history(None, ada))[1]) == 2
+
+
+async def test_usage_of_an_answer_that_is_not_stored_is_written_alone(tmp_path: Path) -> None:
+    service, ada = await quota_service(tmp_path, FakeEngine(step_delay=0.02))
+    session = await service.resolve_session(None, ada)
+    stream = service.chat_stream(session, "one two three", None, SAMPLING, ada)
+    assert isinstance(await anext(stream), ChatDelta)
+    await service.store.delete(session)  # gone while answering: the turn cannot be stored (404) ...
+    with pytest.raises(NotFoundError):
+        async for _ in stream:
+            pass
+    rows = await service.store.usage("ada")  # ... but the tokens were spent and are counted
+    assert [r.requests for r in rows] == [1] and rows[0].completion_tokens > 0

@@ -10,6 +10,7 @@ from agent.serving.api.store.base import (
     Store,
     StoredTurn,
     StoreUnavailableError,
+    UsageRecord,
     UsageRow,
     new_session_id,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Store",
     "StoreUnavailableError",
     "StoredTurn",
+    "UsageRecord",
     "UsageRow",
     "is_postgres_url",
     "new_session_id",

@@ -2,8 +2,9 @@
 
 Two implementations share it: SQLite (one file, the default; `store.sqlite`) and PostgreSQL (`store.postgres`, for
 several FastAPI replicas). Both apply the same versioned schema migrations at start and pass one contract test suite
-(tests/serving/api/test_store_contract.py). A turn (a user message and its answer) is written in one transaction:
-it is there whole or not at all, and two writers to one session never interleave their pairs.
+(tests/serving/api/store/test_store_contract.py). A turn (a user message and its answer, and its usage when given)
+is written in one transaction: it is there whole or not at all, and two writers to one session never interleave
+their pairs.
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ class UsageRow:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class UsageRecord:
+    """One finished generation's usage, written with its turn (`append_turn(..., usage=)`) or alone."""
+
+    principal: str
+    role: str
+    prompt_tokens: int
+    completion_tokens: int
+    at: float | None = None  # default: now
+
+
 def new_session_id() -> str:
     return uuid.uuid4().hex
 
@@ -118,11 +130,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def append_turn(
-        self, session_id: str, user: str, assistant: str, *, has_image: bool = False, asked_at: float | None = None
+        self,
+        session_id: str,
+        user: str,
+        assistant: str,
+        *,
+        has_image: bool = False,
+        asked_at: float | None = None,
+        usage: UsageRecord | None = None,
     ) -> None:
-        """Store a user message and its answer in one transaction (committed when this returns).
+        """Store a user message and its answer in one transaction (committed when this returns), with `usage`
+        (as `record_usage` would write it) in the same transaction: the turn and its usage are there together or
+        not at all.
 
-        Raises `NotFoundError` if the session does not exist (e.g. deleted while the answer was generated).
+        Raises `NotFoundError` if the session does not exist (e.g. deleted while the answer was generated); then
+        nothing is written, usage included.
         """
 
     # --- usage accounting -----------------------------------------------------------------------------------------
@@ -146,11 +168,17 @@ class Store(abc.ABC):
     # --- concurrency leases (per-principal limits shared by replicas) --------------------------------------------
 
     @abc.abstractmethod
-    async def acquire_lease(self, principal: str, limit: int, ttl: float) -> str | None:
-        """Take one of the principal's `limit` concurrent-request slots for at most `ttl` seconds.
+    async def acquire_lease(self, principal: str, limit: int, ttl: float, *, holder: str = "") -> str | None:
+        """Take one of the principal's `limit` concurrent-request slots for `ttl` seconds, for the replica `holder`.
 
-        Returns the lease id, or None when all slots are taken. Leases of a replica that died expire after `ttl`.
+        Returns the lease id, or None when all slots are taken. A lease expires `ttl` seconds after it was taken or
+        last renewed (`renew_leases`): a replica that died stops renewing, so its slots come back within `ttl`.
         """
+
+    @abc.abstractmethod
+    async def renew_leases(self, holder: str, ttl: float, *, max_hold: float) -> int:
+        """Push the expiry of `holder`'s leases to now + `ttl`, except those taken more than `max_hold` seconds ago
+        (a request stuck that long lets its slot expire). Returns how many were renewed."""
 
     @abc.abstractmethod
     async def release_lease(self, lease_id: str) -> None:

@@ -3,6 +3,7 @@
 Version 1 is the schema of the single-user SQLite store (sessions, turns); a file written by an older server has
 those tables and no version table, and is brought forward from there (its sessions get the owner `local`).
 Version 2 adds owners, daily usage, the tokens-per-minute window and concurrency leases.
+Version 3 records which replica holds a lease and when it was taken (leases are renewed by their live replica).
 Add a migration by appending to both lists with the next number; never edit one that has shipped.
 """
 
@@ -57,6 +58,14 @@ SQLITE: list[tuple[int, str]] = [
         CREATE INDEX leases_by_principal ON leases(principal, expires_at);
         """,
     ),
+    (
+        3,
+        """
+        ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
+        ALTER TABLE leases ADD COLUMN acquired_at REAL NOT NULL DEFAULT 0;
+        CREATE INDEX leases_by_holder ON leases(holder);
+        """,
+    ),
 ]
 
 POSTGRES: list[tuple[int, str]] = [
@@ -106,6 +115,14 @@ POSTGRES: list[tuple[int, str]] = [
             expires_at DOUBLE PRECISION NOT NULL
         );
         CREATE INDEX leases_by_principal ON leases(principal, expires_at);
+        """,
+    ),
+    (
+        3,
+        """
+        ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
+        ALTER TABLE leases ADD COLUMN acquired_at DOUBLE PRECISION NOT NULL DEFAULT 0;
+        CREATE INDEX leases_by_holder ON leases(holder);
         """,
     ),
 ]

@@ -31,6 +31,7 @@ from agent.serving.api.store.base import (
     Store,
     StoredTurn,
     StoreUnavailableError,
+    UsageRecord,
     UsageRow,
     new_session_id,
     title_of,
@@ -195,7 +196,14 @@ class PostgresStore(Store):
         return [StoredTurn(role=r[0], content=r[1], has_image=r[2], created_at=r[3]) for r in reversed(rows)]
 
     async def append_turn(
-        self, session_id: str, user: str, assistant: str, *, has_image: bool = False, asked_at: float | None = None
+        self,
+        session_id: str,
+        user: str,
+        assistant: str,
+        *,
+        has_image: bool = False,
+        asked_at: float | None = None,
+        usage: UsageRecord | None = None,
     ) -> None:
         now = time.time()
         async with self._conn() as conn, conn.transaction():
@@ -216,34 +224,41 @@ class PostgresStore(Store):
                 title_of(user),
                 session_id,
             )
+            if usage is not None:
+                await self._write_usage(conn, usage)
 
     # --- usage and limits -------------------------------------------------------------------------------------------
 
     async def record_usage(
         self, principal: str, role: str, prompt_tokens: int, completion_tokens: int, *, at: float | None = None
     ) -> None:
-        at = at or time.time()
-        minute = int(at // 60)
         async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO usage_daily AS u (principal, day, role, requests, prompt_tokens, completion_tokens)"
-                " VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (principal, day) DO UPDATE SET role = excluded.role,"
-                " requests = u.requests + 1, prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = u.completion_tokens + excluded.completion_tokens",
-                principal,
-                utc_day(at),
-                role,
-                prompt_tokens,
-                completion_tokens,
-            )
-            await conn.execute(
-                "INSERT INTO token_window AS w (principal, minute, tokens) VALUES ($1, $2, $3)"
-                " ON CONFLICT (principal, minute) DO UPDATE SET tokens = w.tokens + excluded.tokens",
-                principal,
-                minute,
-                prompt_tokens + completion_tokens,
-            )
-            await conn.execute("DELETE FROM token_window WHERE minute < $1", minute - 5)
+            await self._write_usage(conn, UsageRecord(principal, role, prompt_tokens, completion_tokens, at))
+
+    @staticmethod
+    async def _write_usage(conn: asyncpg.Connection, usage: UsageRecord) -> None:
+        """The day's row and the minute's window, in the caller's transaction."""
+        at = usage.at or time.time()
+        minute = int(at // 60)
+        await conn.execute(
+            "INSERT INTO usage_daily AS u (principal, day, role, requests, prompt_tokens, completion_tokens)"
+            " VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (principal, day) DO UPDATE SET role = excluded.role,"
+            " requests = u.requests + 1, prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = u.completion_tokens + excluded.completion_tokens",
+            usage.principal,
+            utc_day(at),
+            usage.role,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        await conn.execute(
+            "INSERT INTO token_window AS w (principal, minute, tokens) VALUES ($1, $2, $3)"
+            " ON CONFLICT (principal, minute) DO UPDATE SET tokens = w.tokens + excluded.tokens",
+            usage.principal,
+            minute,
+            usage.prompt_tokens + usage.completion_tokens,
+        )
+        await conn.execute("DELETE FROM token_window WHERE minute < $1", minute - 5)
 
     async def usage(
         self, principal: str | None = None, since: str | None = None, until: str | None = None
@@ -265,7 +280,7 @@ class PostgresStore(Store):
         )
         return int(rows[0][0]) if rows else 0
 
-    async def acquire_lease(self, principal: str, limit: int, ttl: float) -> str | None:
+    async def acquire_lease(self, principal: str, limit: int, ttl: float, *, holder: str = "") -> str | None:
         now = time.time()
         async with self._conn() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", principal)
@@ -274,9 +289,24 @@ class PostgresStore(Store):
                 return None
             lease = new_session_id()
             await conn.execute(
-                "INSERT INTO leases (id, principal, expires_at) VALUES ($1, $2, $3)", lease, principal, now + ttl
+                "INSERT INTO leases (id, principal, expires_at, holder, acquired_at) VALUES ($1, $2, $3, $4, $5)",
+                lease,
+                principal,
+                now + ttl,
+                holder,
+                now,
             )
         return lease
+
+    async def renew_leases(self, holder: str, ttl: float, *, max_hold: float) -> int:
+        now = time.time()
+        status = await self._execute(
+            "UPDATE leases SET expires_at = $1 WHERE holder = $2 AND acquired_at >= $3",
+            now + ttl,
+            holder,
+            now - max_hold,
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def release_lease(self, lease_id: str) -> None:
         await self._execute("DELETE FROM leases WHERE id = $1", lease_id)

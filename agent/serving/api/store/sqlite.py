@@ -26,6 +26,7 @@ from agent.serving.api.store.base import (
     SessionSummary,
     Store,
     StoredTurn,
+    UsageRecord,
     UsageRow,
     new_session_id,
     title_of,
@@ -76,16 +77,23 @@ class SqliteStore(Store):
         return await self._run(self._history, session_id, last_turns)
 
     async def append_turn(
-        self, session_id: str, user: str, assistant: str, *, has_image: bool = False, asked_at: float | None = None
+        self,
+        session_id: str,
+        user: str,
+        assistant: str,
+        *,
+        has_image: bool = False,
+        asked_at: float | None = None,
+        usage: UsageRecord | None = None,
     ) -> None:
-        await self._run(self._append_turn, session_id, user, assistant, has_image, asked_at)
+        await self._run(self._append_turn, session_id, user, assistant, has_image, asked_at, usage)
 
     # --- usage and limits -------------------------------------------------------------------------------------------
 
     async def record_usage(
         self, principal: str, role: str, prompt_tokens: int, completion_tokens: int, *, at: float | None = None
     ) -> None:
-        await self._run(self._record_usage, principal, role, prompt_tokens, completion_tokens, at or time.time())
+        await self._run(self._record_usage, UsageRecord(principal, role, prompt_tokens, completion_tokens, at))
 
     async def usage(
         self, principal: str | None = None, since: str | None = None, until: str | None = None
@@ -99,8 +107,13 @@ class SqliteStore(Store):
         )
         return int(row[0]) if row is not None else 0
 
-    async def acquire_lease(self, principal: str, limit: int, ttl: float) -> str | None:
-        return await self._run(self._acquire_lease, principal, limit, ttl)
+    async def acquire_lease(self, principal: str, limit: int, ttl: float, *, holder: str = "") -> str | None:
+        return await self._run(self._acquire_lease, principal, limit, ttl, holder)
+
+    async def renew_leases(self, holder: str, ttl: float, *, max_hold: float) -> int:
+        now = time.time()
+        sql = "UPDATE leases SET expires_at = ? WHERE holder = ? AND acquired_at >= ?"
+        return await self._run(lambda: self._conn.execute(sql, (now + ttl, holder, now - max_hold)).rowcount)
 
     async def release_lease(self, lease_id: str) -> None:
         await self._run(lambda: self._conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,)))
@@ -199,11 +212,19 @@ class SqliteStore(Store):
         rows = self._conn.execute(query, params).fetchall()
         return [StoredTurn(role=r[0], content=r[1], has_image=bool(r[2]), created_at=r[3]) for r in reversed(rows)]
 
-    def _append_turn(self, session_id: str, user: str, assistant: str, has_image: bool, asked_at: float | None) -> None:
+    def _append_turn(
+        self,
+        session_id: str,
+        user: str,
+        assistant: str,
+        has_image: bool,
+        asked_at: float | None,
+        usage: UsageRecord | None,
+    ) -> None:
         now = time.time()
-        try:
-            with self._conn:
-                self._conn.execute("BEGIN IMMEDIATE")
+        with self._conn:  # one transaction: the pair, the session's update and the usage, or none of them
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
                 self._conn.executemany(
                     "INSERT INTO turns (session_id, role, content, has_image, created_at) VALUES (?, ?, ?, ?, ?)",
                     [
@@ -211,31 +232,37 @@ class SqliteStore(Store):
                         (session_id, "assistant", assistant, 0, now),
                     ],
                 )
-                self._conn.execute(
-                    "UPDATE sessions SET updated_at = ?,"
-                    " title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
-                    (now, title_of(user), session_id),
-                )
-        except sqlite3.IntegrityError:
-            raise NotFoundError(f"session {session_id!r} not found (deleted?)") from None
+            except sqlite3.IntegrityError:  # the session's foreign key: it is gone
+                raise NotFoundError(f"session {session_id!r} not found (deleted?)") from None
+            self._conn.execute(
+                "UPDATE sessions SET updated_at = ?, title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
+                (now, title_of(user), session_id),
+            )
+            if usage is not None:
+                self._write_usage(usage)
 
-    def _record_usage(self, principal: str, role: str, prompt: int, completion: int, at: float) -> None:
-        minute = int(at // 60)
+    def _record_usage(self, usage: UsageRecord) -> None:
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute(
-                "INSERT INTO usage_daily (principal, day, role, requests, prompt_tokens, completion_tokens)"
-                " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (principal, day) DO UPDATE SET role = excluded.role,"
-                " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = completion_tokens + excluded.completion_tokens",
-                (principal, utc_day(at), role, prompt, completion),
-            )
-            self._conn.execute(
-                "INSERT INTO token_window (principal, minute, tokens) VALUES (?, ?, ?)"
-                " ON CONFLICT (principal, minute) DO UPDATE SET tokens = tokens + excluded.tokens",
-                (principal, minute, prompt + completion),
-            )
-            self._conn.execute("DELETE FROM token_window WHERE minute < ?", (minute - 5,))
+            self._write_usage(usage)
+
+    def _write_usage(self, usage: UsageRecord) -> None:
+        """The day's row and the minute's window, in the caller's transaction."""
+        at = usage.at or time.time()
+        minute = int(at // 60)
+        self._conn.execute(
+            "INSERT INTO usage_daily (principal, day, role, requests, prompt_tokens, completion_tokens)"
+            " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (principal, day) DO UPDATE SET role = excluded.role,"
+            " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = completion_tokens + excluded.completion_tokens",
+            (usage.principal, utc_day(at), usage.role, usage.prompt_tokens, usage.completion_tokens),
+        )
+        self._conn.execute(
+            "INSERT INTO token_window (principal, minute, tokens) VALUES (?, ?, ?)"
+            " ON CONFLICT (principal, minute) DO UPDATE SET tokens = tokens + excluded.tokens",
+            (usage.principal, minute, usage.prompt_tokens + usage.completion_tokens),
+        )
+        self._conn.execute("DELETE FROM token_window WHERE minute < ?", (minute - 5,))
 
     def _usage(self, principal: str | None, since: str | None, until: str | None) -> list[UsageRow]:
         where, params = ["1 = 1"], []
@@ -250,7 +277,7 @@ class SqliteStore(Store):
         ).fetchall()
         return [UsageRow(*r) for r in rows]
 
-    def _acquire_lease(self, principal: str, limit: int, ttl: float) -> str | None:
+    def _acquire_lease(self, principal: str, limit: int, ttl: float, holder: str) -> str | None:
         now = time.time()
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")  # count and insert under the write lock: no two take the last slot
@@ -260,6 +287,7 @@ class SqliteStore(Store):
                 return None
             lease = new_session_id()
             self._conn.execute(
-                "INSERT INTO leases (id, principal, expires_at) VALUES (?, ?, ?)", (lease, principal, now + ttl)
+                "INSERT INTO leases (id, principal, expires_at, holder, acquired_at) VALUES (?, ?, ?, ?, ?)",
+                (lease, principal, now + ttl, holder, now),
             )
         return lease

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.engine.errors import NotFoundError
-from agent.serving.api.store import Store, open_store
+from agent.serving.api.store import Store, UsageRecord, open_store
 from agent.serving.api.store.migrations import LATEST
 
 
@@ -131,3 +132,52 @@ async def test_leases_cap_concurrency_and_expire(store: Store, target: str) -> N
     await asyncio.sleep(0.3)
     assert await store.acquire_lease("carol", 1, 60) is not None
     await other_replica.aclose()
+
+
+async def _fail_usage_writes(target: str, on: bool) -> None:
+    """A real database fault between the turn and its usage: a trigger that makes every usage write fail."""
+    if target.startswith("postgresql://"):
+        import asyncpg
+
+        conn = await asyncpg.connect(target)
+        try:
+            if on:
+                await conn.execute(
+                    "CREATE FUNCTION fail_usage() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected'; END $$"
+                    " LANGUAGE plpgsql;"
+                    " CREATE TRIGGER fail_usage BEFORE INSERT ON usage_daily FOR EACH ROW EXECUTE FUNCTION fail_usage()"
+                )
+            else:
+                await conn.execute("DROP TRIGGER fail_usage ON usage_daily; DROP FUNCTION fail_usage()")
+        finally:
+            await conn.close()
+        return
+    with sqlite3.connect(target, isolation_level=None) as conn:
+        if on:
+            conn.execute(
+                "CREATE TRIGGER fail_usage BEFORE INSERT ON usage_daily BEGIN SELECT RAISE(ABORT, 'injected'); END"
+            )
+        else:
+            conn.execute("DROP TRIGGER fail_usage")
+    conn.close()
+
+
+async def test_a_turn_and_its_usage_are_one_transaction(store: Store, target: str) -> None:
+    sid = await store.create(owner="alice")
+    usage = UsageRecord("alice", "learner", 12, 4)
+    await store.append_turn(sid, "What is a heap?", "A tree with an order property.", usage=usage)
+    assert len(await store.history(sid)) == 2
+    assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in await store.usage("alice")] == [(1, 12, 4)]
+
+    await _fail_usage_writes(target, on=True)
+    with pytest.raises(Exception, match="injected"):
+        await store.append_turn(sid, "And a stack?", "Last in, first out.", usage=usage)
+    assert [t.content for t in await store.history(sid)] == ["What is a heap?", "A tree with an order property."]
+    assert [r.requests for r in await store.usage("alice")] == [1]  # neither the turn nor its usage
+    await _fail_usage_writes(target, on=False)
+
+    await store.delete(sid)
+    with pytest.raises(NotFoundError):  # the session went away: its usage is not written either
+        await store.append_turn(sid, "Still there?", "No.", usage=usage)
+    assert [r.requests for r in await store.usage("alice")] == [1]
+    assert await store.tokens_this_minute("alice") == 16
