@@ -30,7 +30,7 @@ from bench.workloads import Workload
 
 log = logging.getLogger("bench")
 
-ENGINES = ("onnx_int4", "onnx_int8", "transformers", "vllm")
+ENGINES = ("onnx_int4", "onnx_int8", "openvino_int4", "transformers", "vllm")
 DOORS = ("fastapi", "gateway", "triton_http", "triton_grpc")
 PEERS = ("llama_server", "vllm_serve")
 TRITON_MODEL = "qwen3-vl"  # the model repository's name (the seed's), whatever model it serves
@@ -58,6 +58,8 @@ def engine_env(engine: str, dtype: str) -> dict[str, str]:
     """The environment that makes a door serve `engine` (as a user would set it)."""
     if engine.startswith("onnx_"):
         return {"LOADING_STRATEGY": "onnx", "QUANTIZATION_TYPE": engine.removeprefix("onnx_")}
+    if engine.startswith("openvino_"):  # OpenVINO's default compute precision (bf16 only where native)
+        return {"LOADING_STRATEGY": "openvino", "QUANTIZATION_TYPE": engine.removeprefix("openvino_")}
     return {"LOADING_STRATEGY": engine, "QUANTIZATION_TYPE": "none", "DTYPE": dtype, "MAX_BATCH_SIZE": "32"}
 
 
@@ -66,16 +68,23 @@ def weight_format(target: str, dtype: str) -> str:
     engine = target.rsplit("/", 1)[-1]
     if engine == "llama_server":
         return "gguf"
-    if engine.startswith("onnx_"):
-        return engine.removeprefix("onnx_")
+    if engine.startswith(("onnx_", "openvino_")):
+        return engine.split("_", 1)[1]
     return "bf16" if dtype == "bfloat16" else "fp32"
 
 
 def available_engines() -> list[str]:
-    """The engines whose runtime is installed here (vLLM and onnxruntime-genai are optional)."""
+    """The engines whose runtime is installed here (vLLM, onnxruntime-genai and openvino-genai are optional)."""
     have_onnx = importlib.util.find_spec("onnxruntime_genai") is not None
     have_vllm = importlib.util.find_spec("vllm") is not None
-    return [e for e in ENGINES if (have_onnx or not e.startswith("onnx")) and (have_vllm or e != "vllm")]
+    have_openvino = importlib.util.find_spec("openvino_genai") is not None
+    return [
+        e
+        for e in ENGINES
+        if (have_onnx or not e.startswith("onnx"))
+        and (have_vllm or e != "vllm")
+        and (have_openvino or not e.startswith("openvino"))
+    ]
 
 
 def shipped_engine() -> str:

@@ -17,6 +17,23 @@ from agent.engine.types import ImagePart
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 
 
+# Qwen2/3-VL's image processors (smart_resize) refuse an image whose long side is more than 200 times its short
+# side; a model's own limit, not a setting: every engine serving these models checks it before preprocessing, so a
+# thin strip is a 400 naming the ratio on each of them (never the processor's bare ValueError, a 500).
+MAX_ASPECT_RATIO = 200
+
+
+def check_aspect_ratio(images: list[Image.Image], limit: int = MAX_ASPECT_RATIO) -> None:
+    """InvalidRequestError (400) for an image longer or thinner than `limit`:1."""
+    for image in images:
+        width, height = image.size
+        if max(width, height) > limit * max(min(width, height), 1):
+            raise InvalidRequestError(
+                f"image: {width}x{height} pixels is more than {limit} times as long as it is wide; this vision "
+                f"model takes aspect ratios up to {limit}:1 (crop or pad the image)"
+            )
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 10 * 1024 * 1024

@@ -12,6 +12,7 @@ from agent.engine.errors import InvalidRequestError, PayloadTooLargeError
 from agent.engine.images import (
     ImageLimits,
     b64_to_bytes,
+    check_aspect_ratio,
     data_url,
     decode_b64_image,
     decode_image,
@@ -107,3 +108,15 @@ def test_an_image_part_keeps_the_file_as_sent() -> None:
     assert decode_b64_image(data_url(made_here), LIMITS).getpixel((1, 1)) == (4, 5, 6)  # no file: a lossless PNG
     with pytest.raises(PayloadTooLargeError):
         image_part(b64, ImageLimits(max_bytes=1024 * 1024, max_pixels=10))  # still checked
+
+
+@pytest.mark.parametrize(
+    ("size", "refused"), [((3200, 16), False), ((16, 3200), False), ((3201, 16), True), ((1, 201), True)]
+)
+def test_aspect_ratio(size: tuple[int, int], refused: bool) -> None:
+    images = [Image.new("RGB", (8, 8)), Image.new("RGB", size)]
+    if refused:
+        with pytest.raises(InvalidRequestError, match=f"{size[0]}x{size[1]} pixels.*up to 200:1"):
+            check_aspect_ratio(images)
+    else:
+        check_aspect_ratio(images)

@@ -28,7 +28,7 @@ CONSTRAINT = OutputConstraint("json_schema", check_schema(PERSON, SchemaLimits()
 
 
 # Engines that enforce a constraint; any other must refuse one (never answer unconstrained).
-STRUCTURED_KINDS = ("transformers", "vllm", "onnx")
+STRUCTURED_KINDS = ("transformers", "vllm", "onnx", "openvino")
 
 
 @pytest.fixture

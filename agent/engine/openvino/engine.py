@@ -37,10 +37,13 @@ from agent.engine.errors import (
     NotReadyError,
     UnsupportedInputError,
 )
+from agent.engine.images import check_aspect_ratio
 from agent.engine.openvino.build import ensure_openvino_model, export_options, model_kind, read_config
 from agent.engine.openvino.scheduler import OvScheduler, OvSequence
+from agent.engine.openvino.structured import OvGrammars
 from agent.engine.prompt import render_prompt
 from agent.engine.spec import EngineSpec
+from agent.engine.structured.grammar import GrammarLimits
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class _Loaded:
     vision: bool
     image_factor: int  # pixels per side of one LLM image token (vision models)
     scheduler: OvScheduler
+    grammars: OvGrammars  # structured output: checked and compiled here, enforced by the pipeline
 
 
 class OpenVinoEngine(Engine):
@@ -116,15 +120,23 @@ class OpenVinoEngine(Engine):
         scheduler.start()
         text = config.get("text_config") or config
         preprocessor = json.loads((path / _PREPROCESSOR).read_text()) if vision else {}
+        eos_ids = _eos_ids(self.spec.folder, config, tokenizer)
+        grammars = OvGrammars(
+            tokenizer,
+            vocab_size=int(text.get("vocab_size") or len(tokenizer)),  # the logits' width
+            stop_token_ids=eos_ids,
+            limits=GrammarLimits(self.spec.grammar_cache_size, self.spec.grammar_compile_timeout_s),
+        )
         return _Loaded(
             tokenizer=tokenizer,
             model_path=path,
             view=view,
             context_length=int(text.get("max_position_embeddings") or 2048),
-            eos_ids=_eos_ids(self.spec.folder, config, tokenizer),
+            eos_ids=eos_ids,
             vision=vision,
             image_factor=int(preprocessor.get("patch_size", 16)) * int(preprocessor.get("merge_size", 2)),
             scheduler=scheduler,
+            grammars=grammars,
         )
 
     def _properties(self) -> dict[str, Any]:
@@ -142,6 +154,7 @@ class OpenVinoEngine(Engine):
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             await asyncio.to_thread(loaded.scheduler.stop)
+            loaded.grammars.close()
 
     async def health(self) -> bool:
         return self._loaded is not None and self._loaded.scheduler.alive
@@ -174,6 +187,14 @@ class OpenVinoEngine(Engine):
         if loaded is None or not loaded.scheduler.alive:
             raise NotReadyError("the OpenVINO engine is not started", retry_after=5)
         seq, queue = self._sequence(loaded, request)
+        constraint = request.sampling.constraint
+        if constraint is not None:
+            # Compiled (or refused with 400) here before the pipeline sees it (agent.engine.openvino.structured).
+            seq.config.structured_output_config = await loaded.grammars.config(constraint)
+            # The grammar's end admits every EOS id; once it is complete only those remain, so the answer ends
+            # with `stop` (ignore_eos cannot outlast a completed grammar, as in the other engines).
+            seq.config.stop_token_ids = set(loaded.eos_ids)
+            seq.min_new_tokens = 0
         loaded.scheduler.submit(seq)
         finished = False
         try:
@@ -200,13 +221,9 @@ class OpenVinoEngine(Engine):
             raise InvalidRequestError("max_new_tokens must be at least 1")
         if not 0.0 < sampling.top_p <= 1.0:
             raise InvalidRequestError("top_p must be in (0, 1]")
-        if sampling.constraint is not None:  # refused, never answered unconstrained (docs/api.md)
-            raise InvalidRequestError(
-                "response_format / a forced tool_choice: structured output is not supported by LOADING_STRATEGY="
-                "openvino; use transformers, onnx or vllm"
-            )
         prompt = render_prompt(loaded.tokenizer, request.messages, vision=loaded.vision, tools=request.tools)
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+        check_aspect_ratio(images)  # the same 400 as the transformers engine
         # Each image's single placeholder token becomes one token per image_factor^2 pixels of the resized image.
         image_tokens = [self._image_tokens(loaded, img.width, img.height) for img in images]
         prompt_tokens = len(ids) + sum(image_tokens) - len(image_tokens)

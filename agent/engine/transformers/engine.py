@@ -27,6 +27,7 @@ from agent.engine.errors import (
     NotReadyError,
     UnsupportedInputError,
 )
+from agent.engine.images import check_aspect_ratio
 from agent.engine.prompt import render_prompt
 from agent.engine.spec import EngineSpec
 from agent.engine.structured.grammar import GrammarCache, GrammarLimits, LazyGrammarCache
@@ -153,6 +154,7 @@ class TransformersEngine(Engine):
                 ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             return PreparedPrompt(input_ids=list(ids))
         images = request.images or None
+        check_aspect_ratio(request.images)  # before the processor, whose ValueError would be a 500
         with loaded.tokenizer_lock:
             out = loaded.processor(text=[prompt], images=images, return_tensors="pt")
         types = out.get("mm_token_type_ids")

@@ -69,3 +69,31 @@ def test_unusable_image_is_400_and_the_model_stays_ready(triton_openvino_vl: Run
     assert status == 400, raw
     assert "aspect ratio" in json.loads(raw)["error"]
     assert triton_openvino_vl.get(f"/v2/models/{MODEL}/ready")[0] == 200
+
+
+async def test_response_format_through_triton_equals_in_process(
+    triton_openvino_vl: RunningTriton, openvino_tiny_vl_engine
+) -> None:
+    """Structured output at the Triton door on OpenVINO: the same constrained answer as in-process, valid JSON."""
+    from agent.engine.structured.schema import SchemaLimits, response_format_constraint
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "color", "schema": schema}}
+    image = Image.new("RGB", (64, 64), (10, 200, 60))
+    body = {
+        "text_input": "Which color? JSON.",
+        "image": [_png_b64(image)],
+        "max_tokens": 16,
+        "temperature": 0.0,
+        "response_format": json.dumps(response_format),
+    }
+    status, raw = triton_openvino_vl.post(GENERATE, body)
+    assert status == 200, raw
+    text = json.loads(raw)["text_output"]
+    assert json.loads(text)["color"] in ("red", "green")
+    constraint = response_format_constraint(response_format, SchemaLimits())
+    request = GenerationRequest(
+        messages=(Message("user", (ImagePart(image), TextPart("Which color? JSON."))),),
+        sampling=SamplingParams(max_new_tokens=16, temperature=0.0, constraint=constraint),
+    )
+    assert text == (await openvino_tiny_vl_engine.complete(request)).text

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from agent.config import Attention, DType, Quantization
-from agent.engine.errors import EngineFailure, ModelLoadError
+from agent.engine.errors import EngineFailure, InvalidRequestError, ModelLoadError
 from agent.engine.prompt import render_prompt
 from agent.engine.transformers.engine import TransformersEngine
 from agent.engine.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
@@ -213,6 +213,15 @@ def test_image_tokens_follow_size_and_budget(tiny_vl_engine) -> None:
     assert small == 4  # one token per 32x32 px
     assert larger == 12
     assert 0 < huge <= 256 * 256 // (32 * 32)  # image_max_pixels=256*256 caps it at 64 tokens
+
+
+@pytest.mark.slow
+async def test_too_thin_an_image_is_400_not_a_processor_error(tiny_vl_engine) -> None:
+    """Qwen's processor raises a bare ValueError past 200:1; the engine refuses first, naming the ratio."""
+    with pytest.raises(InvalidRequestError, match="up to 200:1") as err:
+        await tiny_vl_engine.complete(look(Image.new("RGB", (6400, 16))))
+    assert err.value.status == 400
+    assert (await tiny_vl_engine.complete(look(Image.new("RGB", (3200, 16))))).finish_reason  # 200:1 is served
 
 
 @pytest.mark.slow
