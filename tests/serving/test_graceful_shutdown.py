@@ -92,17 +92,18 @@ STACK_GRACE = 3.0
 
 
 @pytest.mark.triton
-# Known defect (issue 14, open): in one fresh-clone run of three, Triton still held one request in flight after the
-# drain ("Waiting for in-flight inference requests") and the stop took 26 s with "Non-graceful termination"; the
-# other runs stopped in 5-8 s. Kept running and reported (xfail, not strict) until the stuck request is found.
-@pytest.mark.xfail(strict=False, reason="intermittent: a request stays in flight in Triton after the drain (issue 14)")
 def test_the_shipped_stack_stops_in_seconds_after_hostile_input_a_burst_and_cancelled_streams(
     smollm_folder: Path, tmp_path: Path
 ) -> None:
     """`dsa-agent up` (Triton with the ONNX engine, FastAPI in gateway mode) after hostile input, an overload burst
     and cancelled streams, SIGTERM while long answers are still running: both doors drain for
     GRACEFUL_SHUTDOWN_SECONDS, cut what is left (those clients get an error, not a hang), and the stack exits 0 well
-    under 10 s, without Triton's "exit timeout expired" or the stub's "Non-graceful termination"."""
+    under 10 s, without Triton's "exit timeout expired" or the stub's "Non-graceful termination".
+
+    Once in about seven runs here tritonserver 2.51 kept the model loaded after every request had its final response
+    (a race in its gRPC front end when a stream is cancelled, fixed upstream in 25.04) and waited out its exit
+    timeout (26 s); the model now stops its engine as soon as it has drained and the launcher ends such a server
+    DRAINED_EXIT_MARGIN s later (tests/serving/triton/test_triton_launcher.py)."""
     import logging
     import queue
     import signal
@@ -161,5 +162,5 @@ def test_the_shipped_stack_stops_in_seconds_after_hostile_input_a_burst_and_canc
     assert stopped >= STACK_GRACE, stopped  # the long answers were given their grace period
     assert len(outcomes) == 12 and outcomes.count(200) <= 8, outcomes  # 4 refused at once, the rest cut or done
     assert "Non-graceful" not in log and "Exit timeout expired" not in log and "Traceback" not in log, log[-3000:]
-    assert "draining" in log
+    assert "draining" in log and "drained: every request answered, engine stopped" in log
     logging.getLogger(__name__).info("stack stopped in %.1f s after SIGTERM; burst: %s", stopped, sorted(outcomes))

@@ -12,6 +12,7 @@ Vision models are refused with ModelLoadError (the builder exports only a VL mod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -183,11 +184,13 @@ class OnnxEngine(Engine):
             seq.min_new_tokens = 0  # a completed grammar ends the answer (see Sequence)
         loaded.scheduler.submit(seq)
         finished = False
+        failure: BaseException | None = None
         try:
             while not finished:
-                item = await queue.get()
+                item = failure or await queue.get()
                 if isinstance(item, BaseException):
                     raise EngineFailure(f"ONNX generation failed: {item}") from item
+                item, failure = _coalesce(item, queue)
                 finished = item.finished
                 yield item
         finally:
@@ -228,6 +231,30 @@ class OnnxEngine(Engine):
             rng=np.random.default_rng(sampling.seed),
         )
         return seq, queue
+
+
+def _coalesce(
+    chunk: GenerationChunk, queue: asyncio.Queue[GenerationChunk | BaseException]
+) -> tuple[GenerationChunk, BaseException | None]:
+    """`chunk` merged with the chunks already waiting behind it: a consumer that fell behind the scheduler (a busy
+    door sending other streams' responses) gets one chunk for them all, text joined and the counts and finish reason
+    of the last, so each response it sends carries several tokens instead of paying its cost per token. A consumer
+    that keeps up finds the queue empty and gets every token on its own. An error waiting behind is returned
+    separately, to be raised after the text before it is delivered."""
+    texts: list[str] = []
+    while not chunk.finished and not queue.empty():
+        following = queue.get_nowait()
+        if isinstance(following, BaseException):
+            return _joined(chunk, texts), following
+        texts.append(chunk.text)
+        chunk = following
+    return _joined(chunk, texts), None
+
+
+def _joined(last: GenerationChunk, texts: list[str]) -> GenerationChunk:
+    if not texts:
+        return last
+    return dataclasses.replace(last, text="".join(texts) + last.text)
 
 
 def _warm_up(runner: DecoderRunner) -> None:

@@ -11,6 +11,10 @@ server) or the model is finalized, new requests are refused (503), in-flight one
 finish, and what is left is cancelled: its engine request is aborted and its client gets a final error response, so
 no response sender stays open and Triton can exit without waiting out its exit timeout. A client that cancels
 (closes its gRPC stream, hangs up) is noticed within a `WATCH_INTERVAL` even while its request waits for a slot.
+
+A request counts as in flight until its final response has gone out, not until its coroutine ends: a coroutine that
+ends without one (cancelled before it first ran, or a bug) is closed by the watch with a final error response
+`CLOSE_AFTER` seconds later, so every accepted request gets exactly one final response on every path.
 """
 
 from __future__ import annotations
@@ -32,27 +36,41 @@ log = logging.getLogger(__name__)
 
 DRAIN_FILE_ENV = "NEWBIE_TRITON_DRAIN_FILE"
 WATCH_INTERVAL = 0.25  # s between checks for cancelled clients, the drain file and the grace deadline
+CLOSE_AFTER = 1.0  # s a request whose coroutine has ended (or was cancelled) gets to send its own final response
 OVERLOADED_RETRY_AFTER = 1.0
 
 
 class TrackedSender:
-    """A response sender that remembers whether its final response went out (a second one would be an error)."""
+    """A response sender that remembers whether its final response went out (a second one would be an error) and
+    tells `on_final` when it does."""
 
-    def __init__(self, sender: Any, final_flag: int) -> None:
+    def __init__(self, sender: Any, final_flag: int, on_final: Callable[[], None] | None = None) -> None:
         self._sender = sender
         self._final_flag = final_flag
+        self._on_final = on_final
         self.finished = False
+        self.checked_at = 0.0  # when is_cancelled() last asked Triton (monotonic)
 
     def send(self, *args: Any, **kwargs: Any) -> None:
         flags = kwargs.get("flags", args[1] if len(args) > 1 else 0)
-        self._sender.send(*args, **kwargs)
-        if flags & self._final_flag:
-            self.finished = True
+        if self.finished:
+            raise RuntimeError("the final response was already sent")
+        try:
+            self._sender.send(*args, **kwargs)
+        finally:
+            # A final send that raised is not retried: the stub closes the sender before it sends.
+            if flags & self._final_flag:
+                self.finished = True
+                if self._on_final is not None:
+                    self._on_final()
 
     def is_cancelled(self) -> bool:
         # Never ask after the final response: Triton has freed the response factory by then (2.51 segfaults in
         # TRITONBACKEND_ResponseFactoryIsCancelled, measured). Call on the loop thread, like every send.
-        return False if self.finished else bool(self._sender.is_cancelled())
+        if self.finished:
+            return False
+        self.checked_at = time.monotonic()
+        return bool(self._sender.is_cancelled())
 
 
 @dataclass
@@ -60,6 +78,12 @@ class _InFlight:
     sender: TrackedSender
     future: concurrent.futures.Future[Any] | None = None
     running: bool = False
+    ended_at: float | None = None  # when the watch first saw its future done with no final response sent
+
+
+def _close_with_final(sender: TrackedSender, message: str) -> None:
+    """The default closer: a final response with no outputs (the backend sets one that sends an error)."""
+    sender.send(None, flags=sender._final_flag)
 
 
 @dataclass
@@ -70,6 +94,8 @@ class RequestGate:
     max_waiting: int = 256
     grace: float = 30.0
     drain_file: Path | None = field(default_factory=lambda: _drain_file_from_env())
+    # Sends the final response of a request whose coroutine ended without one: (sender, why).
+    closer: Callable[[TrackedSender, str], None] = _close_with_final
     _inflight: dict[str, _InFlight] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
@@ -93,14 +119,15 @@ class RequestGate:
         return None
 
     def track(self, request_id: str, future: concurrent.futures.Future[Any]) -> None:
-        """The scheduled request's future (cancelled by the watch when its client goes or the grace runs out)."""
+        """The scheduled request's future (cancelled by the watch when its client goes or the grace runs out). The
+        request stays counted until its final response is out (`forget`, from its sender's `on_final`)."""
         with self._lock:
             entry = self._inflight.get(request_id)
             if entry is not None:
                 entry.future = future
-        future.add_done_callback(lambda _f: self.forget(request_id))
 
     def forget(self, request_id: str) -> None:
+        """Its final response went out."""
         with self._lock:
             self._inflight.pop(request_id, None)
 
@@ -108,6 +135,12 @@ class RequestGate:
     def inflight(self) -> int:
         with self._lock:
             return len(self._inflight)
+
+    @property
+    def drained(self) -> bool:
+        """Draining, and every accepted request has had its final response."""
+        with self._lock:
+            return not self._accepting and not self._inflight
 
     def stop_accepting(self, grace: float | None = None) -> None:
         """Refuse new requests from now on; in-flight ones are cancelled after `grace` s (default: self.grace)."""
@@ -150,18 +183,51 @@ class RequestGate:
     def _watch_once(self) -> None:
         if self._accepting and self.drain_file is not None and self.drain_file.exists():
             self.stop_accepting()
+        now = time.monotonic()
         with self._lock:
             entries = list(self._inflight.items())
-            overdue = self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
+            overdue = self._drain_deadline is not None and now >= self._drain_deadline
         for request_id, entry in entries:
-            if entry.future is None or entry.future.done() or entry.sender.finished:
+            if entry.future is None or entry.sender.finished:
+                continue
+            if entry.future.done():
+                # Its coroutine ended (or was cancelled, perhaps before it ever ran) without a final response:
+                # give it CLOSE_AFTER to send its own, then close it, so that no response sender stays open.
+                entry.ended_at = entry.ended_at or now
+                if now - entry.ended_at >= CLOSE_AFTER:
+                    log.warning("request %s ended without a final response: closing it", request_id)
+                    try:
+                        self.closer(entry.sender, "the request was cancelled")
+                    except Exception:  # the client is gone: nothing left to tell it (the sender is closed anyway)
+                        log.debug("closing request %s failed", request_id, exc_info=True)
+                    self.forget(request_id)
                 continue
             if overdue:
                 log.info("request %s did not finish within the grace period: cancelled", request_id)
                 entry.future.cancel()
-            elif entry.sender.is_cancelled():
+            elif now - entry.sender.checked_at >= WATCH_INTERVAL and entry.sender.is_cancelled():
+                # (Each ask is a round trip to the server: a request that its stream asked about since the last
+                # tick, as running ones do between tokens, is not asked again.)
                 log.info("request %s: client cancelled, request dropped", request_id)
                 entry.future.cancel()
+
+
+def instance_marker(drain_file: Path, state: str, pid: int | None = None) -> Path:
+    """Beside the drain file, one model instance's state: `live` from initialize until Triton finalizes it, `done`
+    once it has drained and stopped its engine (the launcher reads them: `instances_drained`, `instances_live`)."""
+    return drain_file.with_name(f"instance-{pid or os.getpid()}.{state}")
+
+
+def instances_live(drain_file: Path) -> bool:
+    """Some model instance has not been finalized yet."""
+    return any(drain_file.parent.glob("instance-*.live"))
+
+
+def instances_drained(drain_file: Path) -> bool:
+    """Every live model instance has drained (each request had its final response) and stopped its engine."""
+    live = {p.name.rsplit(".", 1)[0] for p in drain_file.parent.glob("instance-*.live")}
+    done = {p.name.rsplit(".", 1)[0] for p in drain_file.parent.glob("instance-*.done")}
+    return bool(live) and live <= done
 
 
 def _drain_file_from_env() -> Path | None:

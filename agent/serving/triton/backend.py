@@ -29,7 +29,7 @@ from agent.engine.base import Engine, stream_ended_early
 from agent.engine.errors import EngineError, EngineFailure, InvalidRequestError, ModelLoadError, NotReadyError
 from agent.engine.types import new_request_id
 from agent.serving.triton import protocol as proto
-from agent.serving.triton.admission import RequestGate, TrackedSender
+from agent.serving.triton.admission import WATCH_INTERVAL, RequestGate, TrackedSender, instance_marker
 from agent.serving.triton.metrics import ModelMetrics
 from agent.serving.triton.repository import read_version_file
 
@@ -80,6 +80,8 @@ class TritonBackend:
         self._prompt_log = os.environ.get(PROMPT_LOG_ENV) or None
         self._renderer: Any = None
         self._stats_task: Any = None
+        self._drained_task: Any = None
+        self._engine_stopping: asyncio.Future[None] | None = None  # the engine's shutdown, once started
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def initialize(self, args: dict[str, str]) -> None:
@@ -90,6 +92,7 @@ class TritonBackend:
         self.gate = RequestGate(
             settings.max_concurrent_requests, settings.max_queue, settings.graceful_shutdown_seconds
         )
+        self.gate.closer = self._close
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.metrics = ModelMetrics.create(self.pb, labels)
         self._thread.start()
@@ -102,6 +105,9 @@ class TritonBackend:
         # The model folder (whose numbered subfolders are the versions) lets the gateway add versions beside it.
         self.metrics.publish_info(self.pb, labels, info, extra={"repository": args["model_repository"]})
         self._stats_task = asyncio.run_coroutine_threadsafe(self._publish_engine_stats(), self.loop)
+        if self.gate.drain_file is not None:
+            instance_marker(self.gate.drain_file, "live").touch()
+            self._drained_task = asyncio.run_coroutine_threadsafe(self._stop_when_drained(), self.loop)
         log.info("engine %s ready on %s in %.1f s", info.engine, info.model_name, time.monotonic() - started)
         if self._prompt_log:
             self._renderer = _load_renderer(info.model_path)
@@ -126,6 +132,8 @@ class TritonBackend:
         """Refuse new requests, let in-flight ones finish for up to GRACEFUL_SHUTDOWN_SECONDS, cancel the rest (each
         gets a final error response and its engine request is aborted), then shut the engine down."""
         self._accepting = False
+        if self.gate.drain_file is not None:  # Triton is unloading this instance (the launcher waits for it)
+            instance_marker(self.gate.drain_file, "live").unlink(missing_ok=True)
         if self.metrics is not None and self.metrics.info is not None:
             self.metrics.info.set(0)  # a replacing instance publishes its own info; readers take the one at 1
         self.gate.stop_accepting()
@@ -133,21 +141,49 @@ class TritonBackend:
         left = self.gate.drain(self.gate.grace + 5.0)  # the watch cancels what is left at the grace deadline
         if left:
             log.warning("finalize: %d request(s) still open after the grace period", left)
-        for task in (self._watch_task, self._stats_task):
+        for task in (self._watch_task, self._stats_task, self._drained_task):
             if task is not None:
                 task.cancel()
-        if self.engine is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(self.engine.shutdown(), self.loop).result(ENGINE_SHUTDOWN_TIMEOUT)
-            except Exception:
-                log.exception("engine shutdown failed")
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop_engine(), self.loop).result(ENGINE_SHUTDOWN_TIMEOUT + 1)
+        except Exception:
+            log.exception("engine shutdown failed")
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        if self.gate.drain_file is not None:
+            instance_marker(self.gate.drain_file, "done").unlink(missing_ok=True)
+
+    async def _stop_when_drained(self) -> None:
+        """The server is stopping (the launcher's drain file) and every request has had its final response: stop
+        the engine now, then say so (a `done` marker). Triton unloads the model, and so calls `finalize`, only once
+        nothing holds it; tritonserver 2.51 can hold it after a cancelled gRPC stream (a race in its gRPC front
+        end, fixed upstream in 25.04), and the launcher then ends the server without losing anything."""
+        drain_file = self.gate.drain_file
+        while drain_file is None or not (drain_file.exists() and self.gate.drained):
+            await asyncio.sleep(WATCH_INTERVAL)
+        await self._stop_engine()
+        instance_marker(drain_file, "done").touch()
+        log.info("drained: every request answered, engine stopped")
+
+    async def _stop_engine(self) -> None:
+        """Shut the engine down once, whoever asks first (the drain or `finalize`); later callers wait for it."""
+        if self._engine_stopping is None:
+            self._engine_stopping = asyncio.ensure_future(self._shutdown_engine())
+        await asyncio.shield(self._engine_stopping)
+
+    async def _shutdown_engine(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            await asyncio.wait_for(self.engine.shutdown(), ENGINE_SHUTDOWN_TIMEOUT)
+        except Exception:
+            log.exception("engine shutdown failed")
 
     def _schedule(self, decoded: proto.DecodedRequest, sender: Any) -> None:
         """Admit the request (or refuse it at once: 429 when full, 503 while draining) and hand it to the loop."""
         request_id = decoded.request.request_id
-        tracked = TrackedSender(sender, self._final)
+        # Counted in flight until its final response is out, whichever path sends it (admission.py).
+        tracked = TrackedSender(sender, self._final, on_final=lambda: self.gate.forget(request_id))
         refusal = self.gate.admit(request_id, tracked)
         if refusal is not None:
             self._send_error(tracked, refusal)
@@ -173,6 +209,13 @@ class TritonBackend:
                     message = f"server shutting down: not finished within GRACEFUL_SHUTDOWN_SECONDS={self.gate.grace:g}"
                     self._send_error(sender, NotReadyError(message, retry_after=1.0))
             raise
+
+    def _close(self, sender: TrackedSender, why: str) -> None:
+        """The final response of a request whose coroutine ended without one (the gate's closer)."""
+        if sender.is_cancelled():
+            sender.send(flags=self._final)
+        else:
+            self._send_error(sender, NotReadyError(f"request not completed: {why}", retry_after=1.0))
 
     # ----------------------------------------------------------------------------------------------- requests
     def _decode(self, request: Any) -> proto.DecodedRequest:
@@ -277,12 +320,17 @@ class TritonBackend:
                 m.itl.observe(gap)
 
     async def _publish_engine_stats(self) -> None:
-        """The engine's own running/waiting counts (so a cancelled request is seen leaving the engine itself)."""
+        """The engine's own running/waiting counts (so a cancelled request is seen leaving the engine itself) and its
+        prefix-cache hits."""
         engine, metrics = self._started()
+        cached = engine.stats.prefix_cached_tokens  # the engine's running total; the counter gets its increments
         while True:
             stats = engine.stats
             metrics.engine_running.set(stats.running)
             metrics.engine_waiting.set(stats.waiting)
+            if stats.prefix_cached_tokens > cached:
+                metrics.prefix_cached.increment(stats.prefix_cached_tokens - cached)
+            cached = stats.prefix_cached_tokens
             await asyncio.sleep(STATS_INTERVAL)
 
     def _log_prompt(self, request: Any) -> None:

@@ -15,6 +15,7 @@ run time (agent.serving.triton.versions) without ever writing the source tree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import math
@@ -37,7 +38,7 @@ from agent.config import Settings, load_settings
 
 # The model drains (refuses new requests, finishes or cancels in-flight ones) once the file this names exists;
 # `TritonServer.begin_drain()` creates it before the server is signalled.
-from agent.serving.triton.admission import DRAIN_FILE_ENV
+from agent.serving.triton.admission import DRAIN_FILE_ENV, instances_drained, instances_live
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ RUNTIME_REPOSITORY_ENV = "NEWBIE_TRITON_REPOSITORY"
 DEFAULT_RUNTIME_REPOSITORY = Path("var/triton-models")
 # Seconds Triton may take to exit beyond GRACEFUL_SHUTDOWN_SECONDS: the engine's own shutdown (vLLM 11-13 s on CPU).
 EXIT_MARGIN = 20
+# Seconds tritonserver may take to start unloading (finalize) a model instance that has drained and stopped its
+# engine (1-2 s measured). 2.51 can keep a model loaded after a cancelled gRPC stream (a race in its gRPC front end,
+# fixed upstream in 25.04) and would wait out its whole exit timeout: past this, the launcher ends it.
+DRAINED_EXIT_MARGIN = 4.0
 
 
 def runtime_repository_from_env() -> Path:
@@ -286,10 +291,7 @@ class TritonServer:
             if proc.poll() is None:
                 self.begin_drain()
                 proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("tritonserver did not stop in %.0f s: killing its group", timeout)
+                self._wait_for_exit(proc, timeout)
             _end_group(proc.pid)
             proc.wait()
         if self._log_file is not None:
@@ -298,6 +300,35 @@ class TritonServer:
         if self._drain_dir is not None:
             shutil.rmtree(self._drain_dir, ignore_errors=True)
             self._drain_dir = None
+
+    def _wait_for_exit(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        """Wait for the signalled server; end its group (SIGKILL: nothing is left to lose) if its model instances
+        drained and stopped their engines but Triton has not begun to unload them DRAINED_EXIT_MARGIN s later, or
+        after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        drained_at: float | None = None
+        while proc.poll() is None:
+            now = time.monotonic()
+            drain_file = self.drain_file
+            if drained_at is None and drain_file is not None and instances_drained(drain_file):
+                drained_at = now
+            if drained_at is not None and drain_file is not None and not instances_live(drain_file):
+                drained_at = None  # every instance is being finalized: Triton is unloading, exiting normally
+            if drained_at is not None and now - drained_at > DRAINED_EXIT_MARGIN:
+                log.warning(
+                    "tritonserver has not unloaded its model %.0f s after it drained and stopped its engine "
+                    "(2.51 keeps a model loaded after some cancelled gRPC streams): ending it",
+                    DRAINED_EXIT_MARGIN,
+                )
+                break
+            if now > deadline:
+                log.warning("tritonserver did not stop in %.0f s: killing its group", timeout)
+                break
+            time.sleep(0.1)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

@@ -21,6 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from agent.engine.errors import NotReadyError, OverloadedError
+from agent.serving.triton import admission
 from agent.serving.triton import protocol as proto
 from agent.serving.triton.admission import RequestGate, TrackedSender
 from tests.serving.shipped_stack import SHIPPED_LIMITS, StackProcess, shipped_stack  # noqa: F401 (fixture)
@@ -67,14 +68,17 @@ def test_a_tracked_sender_never_asks_after_its_final_response() -> None:
     assert sender.finished and not sender.is_cancelled() and raw.sent == [FINAL]
 
 
-async def test_the_watch_drops_cancelled_clients_and_cancels_what_outlives_the_grace(tmp_path: Path) -> None:
+async def test_the_watch_drops_cancelled_clients_and_cancels_what_outlives_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admission, "CLOSE_AFTER", 0.3)
     drain_file = tmp_path / "drain"
     gate = RequestGate(max_running=1, max_waiting=2, grace=0.3, drain_file=drain_file)
     watch = asyncio.create_task(gate.watch())
-    gone, patient = Sender(), Sender()
+    gone, patient, waiting = Sender(), Sender(), Sender()
     tasks = {}
-    for name, raw in (("running", patient), ("waiting-gone", gone), ("waiting", Sender())):
-        assert gate.admit(name, TrackedSender(raw, FINAL)) is None
+    for name, raw in (("running", patient), ("waiting-gone", gone), ("waiting", waiting)):
+        assert gate.admit(name, TrackedSender(raw, FINAL, on_final=lambda n=name: gate.forget(n))) is None
         task = asyncio.ensure_future(gate.run(name, lambda: asyncio.sleep(30)))
         future: Future[None] = Future()
         task.add_done_callback(lambda t, f=future: f.cancel() if t.cancelled() else f.set_result(None))
@@ -83,14 +87,53 @@ async def test_the_watch_drops_cancelled_clients_and_cancels_what_outlives_the_g
         tasks[name] = task
     await asyncio.sleep(0.1)
     gone.cancelled = True  # the client hung up while its request waited for a slot
-    await asyncio.sleep(0.6)
-    assert tasks["waiting-gone"].cancelled() and not tasks["running"].done() and gate.inflight == 2
+    await asyncio.sleep(0.4)
+    assert tasks["waiting-gone"].cancelled() and not tasks["running"].done()
+    assert gate.inflight == 3 and gone.sent == []  # counted until its final response is out ...
+    await asyncio.sleep(0.8)  # a watch tick to see it ended, CLOSE_AFTER, a tick to close it
+    assert gone.sent == [FINAL] and gate.inflight == 2  # ... which the watch sends when nothing else did
     drain_file.touch()  # what the launcher does before it signals the server
     await asyncio.sleep(0.3)
-    assert isinstance(gate.admit("late", TrackedSender(Sender(), FINAL)), NotReadyError)
-    await asyncio.sleep(0.7)  # past the 0.3 s grace: every request left is cancelled
-    assert all(t.cancelled() for t in tasks.values()) and gate.inflight == 0
+    assert isinstance(gate.admit("late", TrackedSender(Sender(), FINAL)), NotReadyError) and not gate.drained
+    await asyncio.sleep(1.2)  # past the 0.3 s grace: every request left is cancelled, then closed
+    assert all(t.cancelled() for t in tasks.values()) and gate.inflight == 0 and gate.drained
+    assert [r.sent for r in (gone, patient, waiting)] == [[FINAL]] * 3  # exactly one final response each
     watch.cancel()
+
+
+async def test_a_request_cancelled_before_its_coroutine_ever_ran_still_gets_its_final_response(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The defect of issue 14's first suspect: a request whose future is cancelled before the loop ever starts its
+    coroutine never reaches the code that sends its final response; the watch closes it instead."""
+    monkeypatch.setattr(admission, "CLOSE_AFTER", 0.0)
+    closed: list[str] = []
+    gate = RequestGate(max_running=1, max_waiting=1, grace=5, drain_file=None)
+    gate.closer = lambda sender, why: (closed.append(why), sender.send(None, flags=FINAL))
+    raw = Sender()
+    assert gate.admit("r", TrackedSender(raw, FINAL, on_final=lambda: gate.forget("r"))) is None
+    future: Future[None] = Future()
+    gate.track("r", future)
+    future.cancel()  # cancelled (client gone, grace over) before any coroutine ran
+    gate._watch_once()
+    assert raw.sent == [FINAL] and closed == ["the request was cancelled"] and gate.inflight == 0
+    gate._watch_once()
+    assert raw.sent == [FINAL]  # exactly once
+
+
+def test_a_final_response_is_sent_once_even_when_sending_it_fails() -> None:
+    class Failing(Sender):
+        def send(self, response: object = None, flags: int = 0) -> None:
+            super().send(response, flags)
+            raise RuntimeError("stream gone")
+
+    finals: list[int] = []
+    sender = TrackedSender(Failing(), FINAL, on_final=lambda: finals.append(1))
+    with pytest.raises(RuntimeError, match="stream gone"):
+        sender.send(None, flags=FINAL)
+    assert sender.finished and finals == [1]  # counted out: the stub closed the sender before it sent
+    with pytest.raises(RuntimeError, match="already sent"):
+        sender.send(None, flags=FINAL)
 
 
 # ---------------------------------------------------------------------------------------------------- real server

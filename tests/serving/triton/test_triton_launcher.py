@@ -95,3 +95,54 @@ def test_stack_gives_triton_a_real_engine_strategy(monkeypatch: pytest.MonkeyPat
     assert stack.triton_env() == {"LOADING_STRATEGY": "auto"}
     monkeypatch.setenv("LOADING_STRATEGY", "vllm")
     assert stack.triton_env() == {}
+
+
+def test_instances_are_drained_when_every_live_one_is_done(tmp_path: Path) -> None:
+    from agent.serving.triton.admission import instance_marker, instances_drained
+
+    drain = tmp_path / "drain"
+    assert not instances_drained(drain)  # no instance said it is live: nothing to conclude
+    instance_marker(drain, "live", pid=11).touch()
+    instance_marker(drain, "live", pid=12).touch()
+    instance_marker(drain, "done", pid=11).touch()
+    assert not instances_drained(drain)
+    instance_marker(drain, "done", pid=12).touch()
+    assert instances_drained(drain)
+
+
+def test_a_server_still_up_after_its_models_drained_is_ended_after_the_margin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What tritonserver 2.51 does after some cancelled gRPC streams: every model instance drained and stopped its
+    engine, yet the server waits out its whole exit timeout. The launcher ends it DRAINED_EXIT_MARGIN s later."""
+    import subprocess
+    import time
+
+    from agent.serving.triton.admission import instance_marker
+
+    monkeypatch.setattr(triton_launcher, "DRAINED_EXIT_MARGIN", 0.5)
+    server = triton_launcher.TritonServer(triton_launcher.TritonConfig())
+    server._drain_dir = str(tmp_path)
+    # A process that ignores SIGTERM, like a server waiting for a model that never unloads.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"],
+        start_new_session=True,
+    )
+    assert server.drain_file is not None
+    instance_marker(server.drain_file, "live", pid=1).touch()
+    started = time.monotonic()
+    server._wait_for_exit(proc, timeout=0.8)  # not drained: the timeout ends it
+    assert proc.wait(5) != 0 and 0.8 <= time.monotonic() - started < 3
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    instance_marker(server.drain_file, "done", pid=1).touch()
+    started = time.monotonic()
+    server._wait_for_exit(proc, timeout=30)
+    assert proc.wait(5) != 0 and 0.5 <= time.monotonic() - started < 3  # drained: ended after the margin
+
+    # Triton began to unload the drained instance (finalize removes its `live` marker): a normal exit, waited for.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"], start_new_session=True)
+    instance_marker(server.drain_file, "live", pid=1).unlink()
+    started = time.monotonic()
+    server._wait_for_exit(proc, timeout=30)
+    assert proc.wait(5) == 0 and time.monotonic() - started >= 1.4
