@@ -52,6 +52,11 @@ class DType(enum.StrEnum):
     float16 = "float16"
 
 
+class TritonRouting(enum.StrEnum):
+    affinity = "affinity"  # consistent hashing on the prompt's beginning: a conversation stays on one server
+    round_robin = "round_robin"  # each request to the next server (the baseline `make bench` compares against)
+
+
 class Settings(BaseSettings):
     """Environment variables of newbie-app (names are the field names in upper case)."""
 
@@ -199,6 +204,9 @@ class Settings(BaseSettings):
     """Triton gRPC endpoint (host:port), used by FastAPI in gateway mode. Several, comma-separated (FastAPI alone in
     front of several Tritons): requests are routed by their prompt's beginning with consistent hashing (prefix-cache
     hits), falling over to the next server when one is down (docs/scaling.md)."""
+    triton_routing: TritonRouting = TritonRouting.affinity
+    """How requests are spread over several TRITON_GRPC_URL servers: `affinity` (a conversation stays on the server
+    holding its prefix cache) or `round_robin`."""
     triton_metrics_port: int = Field(8003, ge=1, le=65535)
     """Triton metrics port."""
     triton_model_name: str = "qwen3-vl"

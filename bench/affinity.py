@@ -7,14 +7,15 @@ two servers, once routed with affinity and once round-robin:
   turns' prompts are cached;
 - round-robin: request i goes to server i mod 2, whatever its conversation.
 
-The servers are two FastAPI doors (`dsa-agent serve`, LOADING_STRATEGY=onnx, QUANTIZATION_TYPE=int4), each with its
-engine in-process, and the routing is done here, in the client process: the ONNX engine's prefix-cache counter is
-published by the FastAPI door (`dsa_prefix_cached_tokens_total`), not by the Triton model, so this is where the
-cached tokens can be read. Hit rate = cached prompt tokens (both servers' counters, before/after) / prompt tokens
-(the answers' `usage.prompt_tokens`). TTFT is the first streamed content as the client sees it; server CPU is the
-CPU time both servers' processes used during the run (/proc), the work done, which other load on the machine
-changes far less than it changes wall times. The policies run alternately (A B B A ... with --repeats), each run on
-fresh conversations, so load on the machine hits both alike.
+The servers are two Triton doors (`dsa-agent triton`, LOADING_STRATEGY=onnx, QUANTIZATION_TYPE=int4), and the
+routing is the gateway's own: two FastAPI gateways (`dsa-agent serve`, LOADING_STRATEGY=triton, TRITON_GRPC_URL=
+both), one with TRITON_ROUTING=affinity and one with round_robin; the client sends each policy's requests to its
+gateway over `/v1/chat/completions`, as a user would. Hit rate = cached prompt tokens (both Tritons'
+`dsa_triton_prefix_cached_tokens_total`, before/after) / prompt tokens (the answers' `usage.prompt_tokens`). TTFT is
+the first streamed content as the client sees it; server CPU is the CPU time both Tritons' process trees used during the
+run (/proc), the work done, which other load on the machine changes far less than it changes wall times. The
+policies run alternately (A B B A ... with --repeats), each run on fresh conversations, so load on the machine hits
+both alike.
 
     python -m bench.affinity [--conversations 20] [--turns 5] [--tokens 16] [--concurrency 4] [--repeats 2]
 Output: bench/results/<date>-affinity.{json,md}.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -32,23 +34,22 @@ import platform
 import statistics
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
-from agent.engine.types import GenerationRequest, Message
-from agent.serving.triton.metrics import parse_samples
-from agent.serving.triton.routing import HashRing, routing_key
-from bench.targets import fastapi_door, free_port
+from agent.serving.triton.metrics import PREFIX_CACHED_METRIC, parse_samples
+from bench.targets import fastapi_door, free_port, triton_door
 
 log = logging.getLogger("bench.affinity")
 RESULTS = Path(__file__).parent / "results"
 POLICIES = ("affinity", "round_robin")
-CACHED_METRIC = "dsa_prefix_cached_tokens_total"
+CACHED_METRIC = PREFIX_CACHED_METRIC
+REQUESTS_METRIC = "nv_inference_request_success"  # Triton's own count of answered requests
 SYSTEM = (
     "You are a patient tutor for a data-structures course. Answer in plain words, give one short example, and end "
     "with a question that checks the learner understood. Keep answers brief."
@@ -84,28 +85,6 @@ def run_order(repeats: int) -> list[str]:
     return [p for r in range(repeats) for p in (POLICIES if r % 2 == 0 else POLICIES[::-1])]
 
 
-def as_request(messages: Sequence[dict[str, str]]) -> GenerationRequest:
-    return GenerationRequest(messages=tuple(Message.text(m["role"], m["content"]) for m in messages))
-
-
-class Router:
-    """Picks the server of each request: `affinity` (the gateway's ring and key) or `round_robin`."""
-
-    def __init__(self, policy: str, servers: Sequence[str]) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
-        self.policy, self.servers = policy, list(servers)
-        self.ring = HashRing(self.servers)
-        self._next = 0
-
-    def pick(self, messages: Sequence[dict[str, str]]) -> str:
-        if self.policy == "affinity":
-            return self.ring.order(routing_key(as_request(messages)))[0]
-        server = self.servers[self._next % len(self.servers)]
-        self._next += 1
-        return server
-
-
 def hit_rate(cached_tokens: int, prompt_tokens: int) -> float:
     """Cached prompt tokens over prompt tokens (0 with no prompt tokens)."""
     if cached_tokens < 0 or prompt_tokens < 0 or cached_tokens > prompt_tokens:
@@ -115,7 +94,6 @@ def hit_rate(cached_tokens: int, prompt_tokens: int) -> float:
 
 @dataclass
 class Turn:
-    server: str
     prompt_tokens: int
     ttft_s: float
     e2e_s: float
@@ -137,12 +115,14 @@ class RunResult:
     server_cpu_s: float = 0.0  # CPU time both servers used during the run: the work, whatever else ran meanwhile
 
 
-def summarize(policy: str, turns: list[Turn], errors: int, cached_tokens: int, total_s: float) -> RunResult:
-    """One run's figures from its turns and the servers' cached-token counters (after - before, summed)."""
+def summarize(
+    policy: str, turns: list[Turn], errors: int, cached_tokens: int, total_s: float, per_server: Sequence[int] = ()
+) -> RunResult:
+    """One run's figures from its turns, the servers' cached-token counters (after - before, summed) and the
+    requests each server answered (after - before)."""
     prompt = sum(t.prompt_tokens for t in turns)
     ttfts = sorted(t.ttft_s for t in turns)
     p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] if ttfts else float("nan")
-    names = {server: f"server{i}" for i, server in enumerate(sorted({t.server for t in turns}))}
     return RunResult(
         policy=policy,
         requests=len(turns),
@@ -153,7 +133,7 @@ def summarize(policy: str, turns: list[Turn], errors: int, cached_tokens: int, t
         ttft_p50_ms=round(1000 * statistics.median(ttfts), 1) if ttfts else float("nan"),
         ttft_p95_ms=round(1000 * p95, 1),
         total_s=round(total_s, 2),
-        per_server=dict(sorted(Counter(names[t.server] for t in turns).items())),
+        per_server={f"server{i}": int(n) for i, n in enumerate(per_server)},
     )
 
 
@@ -242,13 +222,15 @@ def report(meta: dict, runs: list[RunResult]) -> str:
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
-async def _cached_tokens(client: httpx.AsyncClient, servers: Sequence[str]) -> int:
-    total = 0.0
-    for server in servers:
-        resp = await client.get(f"{server}/metrics")
+async def _counters(client: httpx.AsyncClient, metrics: Sequence[str]) -> tuple[int, list[int]]:
+    """(cached prompt tokens of both Tritons, requests each answered) from their metrics ports."""
+    cached, requests = 0.0, []
+    for url in metrics:
+        resp = await client.get(url)
         resp.raise_for_status()
-        total += sum(v for _, v in parse_samples(resp.text, CACHED_METRIC))
-    return int(total)
+        cached += sum(v for _, v in parse_samples(resp.text, CACHED_METRIC))
+        requests.append(int(sum(v for _, v in parse_samples(resp.text, REQUESTS_METRIC))))
+    return int(cached), requests
 
 
 async def _turn(client: httpx.AsyncClient, server: str, messages: list[dict[str, str]], tokens: int) -> tuple:
@@ -277,33 +259,36 @@ async def _turn(client: httpx.AsyncClient, server: str, messages: list[dict[str,
                     text.append(content)
     if first is None or not prompt_tokens:
         raise RuntimeError(f"{server}: no content or no usage in the stream")
-    turn = Turn(server, prompt_tokens, first - started, time.perf_counter() - started)
+    turn = Turn(prompt_tokens, first - started, time.perf_counter() - started)
     return turn, "".join(text)
 
 
-def group_cpu_seconds(groups: Sequence[int]) -> float:
-    """User + system CPU seconds of every live process in the process groups `groups` (Linux /proc)."""
-    total, tick = 0, os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def tree_cpu_seconds(roots: Sequence[int]) -> float:
+    """User + system CPU seconds of the live processes `roots` and all their descendants (Triton's server and
+    python-backend stubs run in sessions of their own, so a process group would miss them)."""
+    total = 0.0
+    for root in roots:
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": comm may hold spaces
-        except OSError:  # the process ended meanwhile
+            procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+        except psutil.NoSuchProcess:
             continue
-        if int(fields[2]) in groups:  # fields[0] is the state: pgrp is field 5 of stat, utime/stime 14 and 15
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
 
 
 async def run_policy(
     policy: str,
-    servers: Sequence[str],
+    gateway: str,
+    metrics: Sequence[str],
     convs: list[list[str]],
     tokens: int,
     concurrency: int,
-    groups: Sequence[int] = (),
+    roots: Sequence[int] = (),
 ) -> RunResult:
-    """Every conversation, `concurrency` at a time, each turn after the previous answer; figures of the run."""
-    router = Router(policy, servers)
+    """Every conversation through `gateway`, `concurrency` at a time, each turn after the previous answer."""
     turns: list[Turn] = []
     errors = 0
     queue = iter(convs)
@@ -316,7 +301,7 @@ async def run_policy(
                 for question in questions:
                     messages.append({"role": "user", "content": question})
                     try:
-                        turn, answer = await _turn(client, router.pick(messages), messages, tokens)
+                        turn, answer = await _turn(client, gateway, messages, tokens)
                     except (httpx.HTTPError, RuntimeError) as exc:
                         errors += 1
                         log.warning("%s: turn failed: %r", policy, exc)
@@ -324,24 +309,26 @@ async def run_policy(
                     turns.append(turn)
                     messages.append({"role": "assistant", "content": answer})
 
-        before, cpu_before = await _cached_tokens(client, servers), group_cpu_seconds(groups)
+        (cached0, served0), cpu_before = await _counters(client, metrics), tree_cpu_seconds(roots)
         started = time.perf_counter()
         await asyncio.gather(*(learner() for _ in range(concurrency)))
         total = time.perf_counter() - started
-        cached = await _cached_tokens(client, servers) - before
-    result = summarize(policy, turns, errors, cached, total)
+        cached1, served1 = await _counters(client, metrics)
+    result = summarize(
+        policy, turns, errors, cached1 - cached0, total, [b - a for a, b in zip(served0, served1, strict=True)]
+    )
     result.load_1m = round(os.getloadavg()[0], 2)
-    result.server_cpu_s = round(group_cpu_seconds(groups) - cpu_before, 2)
+    result.server_cpu_s = round(tree_cpu_seconds(roots) - cpu_before, 2)
     log.info("%s", result)
     return result
 
 
-async def _warm(servers: Sequence[str], tokens: int) -> None:
-    """One request per server on the shared system prompt: both policies then start with it cached alike."""
+async def _warm(gateways: Sequence[str], tokens: int) -> None:
+    """Requests on the shared system prompt through the round-robin gateway: both Tritons then start with it cached."""
     async with httpx.AsyncClient(timeout=600) as client:
-        for server in servers:
+        for gateway in gateways:
             for _ in range(2):
-                await _turn(client, server, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+                await _turn(client, gateway, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
                             tokens)  # fmt: skip
 
 
@@ -364,17 +351,31 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load()
     runs: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        servers, groups = [], []
+        grpc, metrics, roots = [], [], []
         for i in range(2):
+            http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+            proc = stack.enter_context(triton_door(http_port, grpc_port, metrics_port, env, Path(tmp) / f"t{i}.log"))
+            grpc.append(f"127.0.0.1:{grpc_port}")
+            metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
+            roots.append(proc.pid)  # each server's process tree: its CPU time is the work done
+        gateways = {}
+        for policy in POLICIES:
             port = free_port()
-            door_env = env | {"HISTORY_DB": str(Path(tmp) / f"history{i}.sqlite3")}
-            proc = stack.enter_context(fastapi_door(port, door_env, Path(tmp) / f"door{i}.log"))
-            servers.append(f"http://127.0.0.1:{port}")
-            groups.append(proc.pid)  # each door leads its own process group
-        asyncio.run(_warm(servers, args.tokens))
+            gateway_env = {
+                "LOADING_STRATEGY": "triton",
+                "TRITON_GRPC_URL": ",".join(grpc),
+                "TRITON_METRICS_PORT": metrics[0].rsplit(":", 1)[1].removesuffix("/metrics"),
+                "TRITON_ROUTING": policy,
+                "HISTORY_DB": str(Path(tmp) / f"history-{policy}.sqlite3"),
+            }
+            stack.enter_context(fastapi_door(port, gateway_env, Path(tmp) / f"gateway-{policy}.log"))
+            gateways[policy] = f"http://127.0.0.1:{port}"
+        asyncio.run(_warm([gateways["round_robin"]], args.tokens))
         for run, policy in enumerate(run_order(args.repeats)):
             convs = conversations(args.conversations, args.turns, run=run)
-            runs.append(asyncio.run(run_policy(policy, servers, convs, args.tokens, args.concurrency, groups)))
+            runs.append(
+                asyncio.run(run_policy(policy, gateways[policy], metrics, convs, args.tokens, args.concurrency, roots))
+            )
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "conversations": args.conversations,
@@ -382,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.tokens,
         "concurrency": args.concurrency,
         "repeats": args.repeats,
-        "servers": "2 x dsa-agent serve, LOADING_STRATEGY=onnx QUANTIZATION_TYPE=int4, routed by the client",
+        "servers": "2 x dsa-agent triton (LOADING_STRATEGY=onnx QUANTIZATION_TYPE=int4) behind a FastAPI gateway "
+        "per policy (TRITON_ROUTING)",
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "load_before": load_before,

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 from collections import Counter
 
+import psutil
 import pytest
 
 from bench.affinity import (
     POLICIES,
-    SYSTEM,
-    Router,
     RunResult,
     Turn,
     combine,
     conversations,
-    group_cpu_seconds,
     hit_rate,
     paired_ratios,
     report,
     run_order,
     summarize,
+    tree_cpu_seconds,
 )
-
-SERVERS = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
 
 
 def test_conversations_are_distinct_within_and_across_runs() -> None:
@@ -35,26 +32,7 @@ def test_conversations_are_distinct_within_and_across_runs() -> None:
         conversations(0, 5)
 
 
-def _turns(conv: list[str]) -> list[list[dict[str, str]]]:
-    """The message lists a client sends for each turn of `conv` (answers stand in as 'ok')."""
-    messages, out = [{"role": "system", "content": SYSTEM}], []
-    for question in conv:
-        messages = messages + [{"role": "user", "content": question}]
-        out.append(messages)
-        messages = messages + [{"role": "assistant", "content": "ok"}]
-    return out
-
-
-def test_affinity_keeps_a_conversation_on_one_server_and_round_robin_alternates() -> None:
-    convs = conversations(20, 5)
-    affinity = Router("affinity", SERVERS)
-    owners = [{affinity.pick(m) for m in _turns(c)} for c in convs]
-    assert all(len(o) == 1 for o in owners)  # every turn where the first went
-    assert {next(iter(o)) for o in owners} == set(SERVERS)  # and the conversations are spread over both
-    rr = Router("round_robin", SERVERS)
-    assert [rr.pick(m) for m in _turns(convs[0])] == [SERVERS[0], SERVERS[1]] * 2 + [SERVERS[0]]
-    with pytest.raises(ValueError, match="unknown policy"):
-        Router("random", SERVERS)
+def test_runs_alternate_the_policies() -> None:
     assert run_order(3) == ["affinity", "round_robin", "round_robin", "affinity", "affinity", "round_robin"]
     assert Counter(run_order(2)) == Counter(dict.fromkeys(POLICIES, 2))
 
@@ -64,8 +42,8 @@ def test_hit_rate_and_summaries() -> None:
     for cached, prompt in ((65, 64), (-1, 10), (1, -1)):
         with pytest.raises(ValueError):
             hit_rate(cached, prompt)
-    turns = [Turn(SERVERS[i % 2], 100, ttft, ttft + 0.2) for i, ttft in enumerate([0.1, 0.3, 0.2, 0.4])]
-    run = summarize("affinity", turns, errors=1, cached_tokens=300, total_s=2.345)
+    turns = [Turn(100, ttft, ttft + 0.2) for ttft in [0.1, 0.3, 0.2, 0.4]]
+    run = summarize("affinity", turns, errors=1, cached_tokens=300, total_s=2.345, per_server=[2, 2])
     assert (run.requests, run.errors, run.prompt_tokens, run.cached_tokens) == (4, 1, 400, 300)
     assert run.hit_rate == 0.75 and run.ttft_p50_ms == 250.0 and run.ttft_p95_ms == 400.0 and run.total_s == 2.35
     assert run.per_server == {"server0": 2, "server1": 2}
@@ -95,20 +73,23 @@ def test_report_names_both_policies_and_their_ratio() -> None:
     assert "load average 1.00 before / 2.00 after" in text
 
 
-def test_group_cpu_seconds_counts_a_busy_process_group() -> None:
+def test_tree_cpu_seconds_counts_a_busy_child() -> None:
     import os
     import subprocess
     import sys
     import time
 
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    # the spinning process is a grandchild in a session of its own, as Triton's stubs are
+    spin = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'while True: pass'], start_new_session=True)"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
     try:
         started = time.monotonic()
-        while (used := group_cpu_seconds([busy.pid])) < 0.3:  # it spins: its CPU time grows, however loaded we are
+        while (used := tree_cpu_seconds([busy.pid])) < 0.3:  # it spins: its CPU time grows, however loaded we are
             assert time.monotonic() - started < 60, "no CPU time counted for a spinning process"
             time.sleep(0.1)
         assert used <= (time.monotonic() - started) + 0.5  # one thread: no more than the wall time it has had
-        assert group_cpu_seconds([os.getpid() + 10_000_000]) == 0.0  # no such group
+        assert tree_cpu_seconds([os.getpid() + 10_000_000]) == 0.0  # no such process
     finally:
-        busy.kill()
+        for proc in [*psutil.Process(busy.pid).children(recursive=True), psutil.Process(busy.pid)]:
+            proc.kill()
         busy.wait()

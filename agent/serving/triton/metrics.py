@@ -1,8 +1,9 @@
 """The Triton model's custom metrics (python backend metric API), and reading them back from the metrics port.
 
 Besides Triton's own `nv_inference_*`, the model publishes tokens generated, time to first token, inter-token
-latency, the running count, cancellations, and `dsa_triton_model_info{...} 1` whose labels describe the loaded engine
-(the gateway engine reads them for its `info()`; Prometheus users join on them like any `*_info` metric).
+latency, the running count, cancellations, prompt tokens served from the engine's prefix cache, and
+`dsa_triton_model_info{...} 1` whose labels describe the loaded engine (the gateway engine reads them for its
+`info()`; Prometheus users join on them like any `*_info` metric).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ENGINE_WAITING_METRIC = "dsa_triton_engine_waiting_requests"
 TOKENS_METRIC = "dsa_triton_generated_tokens_total"
 TTFT_METRIC = "dsa_triton_time_to_first_token_seconds"
 ITL_METRIC = "dsa_triton_inter_token_latency_seconds"
+PREFIX_CACHED_METRIC = "dsa_triton_prefix_cached_tokens_total"
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
@@ -41,6 +43,7 @@ class ModelMetrics:
     aborted: Any
     engine_running: Any
     engine_waiting: Any
+    prefix_cached: Any
     info: Any
     families: list[Any]
 
@@ -61,6 +64,9 @@ class ModelMetrics:
             aborted=metric(ABORTED_METRIC, "Requests cancelled by their client", kinds.COUNTER),
             engine_running=metric(ENGINE_RUNNING_METRIC, "The engine's own count of running requests", kinds.GAUGE),
             engine_waiting=metric(ENGINE_WAITING_METRIC, "The engine's own count of waiting requests", kinds.GAUGE),
+            prefix_cached=metric(
+                PREFIX_CACHED_METRIC, "Prompt tokens reused from the engine's prefix cache, not computed", kinds.COUNTER
+            ),
             info=None,
             families=families,
         )

@@ -18,13 +18,14 @@ import asyncio
 import bisect
 import contextlib
 import hashlib
+import itertools
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from agent.config import Settings
+from agent.config import Settings, TritonRouting
 from agent.engine.base import Engine, stream_ended_early
 from agent.engine.errors import NotReadyError
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest, TextPart
@@ -87,9 +88,17 @@ def gateway_from_settings(settings: Settings) -> Engine:
 class RoutedGatewayEngine(Engine):
     """An Engine over several Triton gateways (see the module docstring)."""
 
-    def __init__(self, replicas: Mapping[str, Engine], *, retry_down: float = RETRY_DOWN) -> None:
+    def __init__(
+        self,
+        replicas: Mapping[str, Engine],
+        *,
+        retry_down: float = RETRY_DOWN,
+        policy: TritonRouting = TritonRouting.affinity,
+    ) -> None:
         self.replicas = dict(replicas)
         self.ring = HashRing(list(self.replicas))
+        self.policy = policy
+        self._turn = itertools.count()  # round_robin's position
         self.retry_down = retry_down
         self._up: set[str] = set()
         self._down_until: dict[str, float] = {}
@@ -101,7 +110,8 @@ class RoutedGatewayEngine(Engine):
     def from_settings(cls, settings: Settings) -> RoutedGatewayEngine:
         """One `TritonGatewayEngine` per TRITON_GRPC_URL entry (metrics on each host's TRITON_METRICS_PORT)."""
         return cls(
-            {url: TritonGatewayEngine.from_settings(settings, url) for url in grpc_urls(settings.triton_grpc_url)}
+            {url: TritonGatewayEngine.from_settings(settings, url) for url in grpc_urls(settings.triton_grpc_url)},
+            policy=settings.triton_routing,
         )
 
     @property
@@ -160,9 +170,15 @@ class RoutedGatewayEngine(Engine):
     # --- requests -----------------------------------------------------------------------------------------------
 
     def candidates(self, request: GenerationRequest) -> list[str]:
-        """The servers to try, in order: the key's owner first; down ones last (tried only if all others fail)."""
+        """The servers to try, in order: the key's owner first (round_robin: the next server); down ones last (tried
+        only if all others fail)."""
         now = time.monotonic()
-        ordered = [n for n in self.ring.order(routing_key(request)) if n in self._up]
+        if self.policy is TritonRouting.round_robin:
+            names = list(self.replicas)
+            start = next(self._turn) % len(names)
+            ordered = [n for n in names[start:] + names[:start] if n in self._up]
+        else:
+            ordered = [n for n in self.ring.order(routing_key(request)) if n in self._up]
         return [n for n in ordered if self._down_until.get(n, 0.0) <= now] + [
             n for n in ordered if self._down_until.get(n, 0.0) > now
         ]

@@ -49,6 +49,21 @@ def test_a_conversation_keeps_its_key_while_it_grows() -> None:
 
 @pytest.mark.slow
 @pytest.mark.triton
+def test_round_robin_alternates_and_still_skips_a_down_server() -> None:
+    from agent.config import TritonRouting
+    from agent.engine.fake import FakeEngine
+
+    engine = RoutedGatewayEngine({"a": FakeEngine(), "b": FakeEngine()}, policy=TritonRouting.round_robin)
+    engine._up = {"a", "b"}
+    request = conversation("Conversation 1: what is a tree?")
+    assert [engine.candidates(request)[0] for _ in range(4)] == ["a", "b", "a", "b"]
+    engine._down_until["b"] = time.monotonic() + 60
+    assert [engine.candidates(request) for _ in range(2)] == [["a", "b"], ["a", "b"]]  # b last while down
+    affinity = RoutedGatewayEngine({"a": FakeEngine(), "b": FakeEngine()})
+    affinity._up = {"a", "b"}
+    assert len({affinity.candidates(request)[0] for _ in range(4)}) == 1
+
+
 async def test_routes_conversations_to_one_server_and_falls_over(
     triton_smollm: triton_fixtures.RunningTriton, smollm_folder: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
