@@ -43,6 +43,7 @@ import httpx
 import psutil
 
 from agent.serving.triton.metrics import PREFIX_CACHED_METRIC, parse_samples
+from bench.load import delta_text, openai_events
 from bench.targets import fastapi_door, free_port, triton_door
 
 log = logging.getLogger("bench.affinity")
@@ -244,19 +245,12 @@ async def _turn(client: httpx.AsyncClient, server: str, messages: list[dict[str,
     }
     started = time.perf_counter()
     first, text, prompt_tokens = None, [], 0
-    async with client.stream("POST", f"{server}/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            if event.get("usage"):
-                prompt_tokens = event["usage"]["prompt_tokens"]
-            for choice in event.get("choices", []):
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    first = first or time.perf_counter()
-                    text.append(content)
+    async for event in openai_events(client, f"{server}/v1/chat/completions", body):
+        if event.get("usage"):
+            prompt_tokens = event["usage"]["prompt_tokens"]
+        if content := delta_text(event):
+            first = first or time.perf_counter()
+            text.append(content)
     if first is None or not prompt_tokens:
         raise RuntimeError(f"{server}: no content or no usage in the stream")
     turn = Turn(prompt_tokens, first - started, time.perf_counter() - started)

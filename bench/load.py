@@ -14,7 +14,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -126,6 +126,20 @@ async def run_level(one: Callable[[int], Awaitable[RequestSample]], concurrency:
     return result
 
 
+async def openai_events(client: httpx.AsyncClient, url: str, body: dict) -> AsyncIterator[dict]:
+    """The events of one streamed `/v1/chat/completions` (its SSE `data:` lines, `[DONE]` left out)."""
+    async with client.stream("POST", url, json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                yield json.loads(line[5:])
+
+
+def delta_text(event: dict) -> str:
+    """The content an OpenAI stream event adds (empty for role-only, usage-only and tool-call events)."""
+    return "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices", []))
+
+
 class OpenAIStream:
     """One streaming chat completion against an OpenAI-compatible server (our FastAPI door, `vllm serve`,
     `llama-server`)."""
@@ -150,17 +164,12 @@ class OpenAIStream:
             "stream_options": {"include_usage": True},
         }
         timer, events = StreamTimer(), 0
-        async with self.client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            resp.raise_for_status()
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if event.get("usage"):
-                    timer.tokens = event["usage"]["completion_tokens"]
-                if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
-                    timer.token()
-                    events += 1
+        async for event in openai_events(self.client, "/v1/chat/completions", body):
+            if event.get("usage"):
+                timer.tokens = event["usage"]["completion_tokens"]
+            if delta_text(event):
+                timer.token()
+                events += 1
         timer.tokens = timer.tokens or events  # a server that sends no usage: one token per content event
         return timer.sample()
 
