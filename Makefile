@@ -65,6 +65,12 @@ bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 	@# History-write latency at 32 concurrent chats, SQLite and PostgreSQL (docs/scaling.md); ~1 minute.
 	$(PY) -m bench.history_store
+	@# Structured output: ITL with a JSON-schema constraint vs without at 1 and 32 concurrent, schema compile time (docs/api.md); ~10 minutes.
+	$(PY) -m bench.structured_output
+	@# Prefix-cache hit rate and TTFT, affinity routing vs round-robin, 20 conversations x 5 turns (docs/scaling.md); ~5 minutes.
+	$(PY) -m bench.affinity
+	@# OpenVINO vs transformers on images (Qwen3-VL-2B-shaped) and vs ONNX int4 on text, FastAPI door (docs/openvino.md); ~15 minutes.
+	$(PY) -m bench.openvino_vision
 
 # README.md's performance tables, from the newest result JSON (or BENCH_RESULT=bench/results/X.json).
 bench-readme: install

@@ -1,4 +1,4 @@
-"""The xgrammar layer (agent.engine.structured.grammar) on SmolLM2's real tokenizer: compile cache, timeouts, errors,
+"""The llguidance layer (agent.engine.structured.grammar) on SmolLM2's real tokenizer: compile cache, timeouts, errors,
 and the per-row bitmask on torch and numpy logits."""
 
 from __future__ import annotations
@@ -64,11 +64,12 @@ async def test_uncompilable_schema_is_a_400(tokenizer) -> None:
 
 
 async def test_slow_compile_times_out_and_is_remembered(tokenizer) -> None:
-    cache = cache_for(tokenizer, compile_timeout_s=0.2)
-    slow = OutputConstraint("json_schema", json.dumps({"enum": [f"value-number-{i}" for i in range(8000)]}))
+    cache = cache_for(tokenizer, compile_timeout_s=0.01)
+    # ~0.15 s to compile here, 15x the timeout (llguidance builds a big enum's lexer quickly: it takes this many)
+    slow = OutputConstraint("json_schema", json.dumps({"enum": [f"value-number-{i}" for i in range(40_000)]}))
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(InvalidRequestError, match="GRAMMAR_COMPILE_TIMEOUT_S=0.2"):
+    with pytest.raises(InvalidRequestError, match="GRAMMAR_COMPILE_TIMEOUT_S=0.01"):
         await cache.get(slow)
     assert loop.time() - started < 1.5
     started = loop.time()
@@ -88,7 +89,7 @@ def _allowed(row: torch.Tensor | np.ndarray) -> set[int]:
 def test_masks_touch_only_constrained_rows(tokenizer, kind: str) -> None:
     cache = cache_for(tokenizer)
     compiled = cache.get_blocking(schema("n"))
-    state = GrammarState(compiled, [EOS], VOCAB)
+    state = GrammarState(compiled)
     rng = np.random.default_rng(0)
     raw = rng.standard_normal((3, VOCAB)).astype(np.float32)
     logits = torch.from_numpy(raw.copy()) if kind == "torch" else raw.copy()
@@ -103,14 +104,14 @@ def test_masks_touch_only_constrained_rows(tokenizer, kind: str) -> None:
 
 def test_state_follows_the_grammar_to_its_end(tokenizer) -> None:
     cache = cache_for(tokenizer)
-    state = GrammarState(cache.get_blocking(schema("n")), [EOS], VOCAB)
+    state = GrammarState(cache.get_blocking(schema("n")))
     for token in tokenizer.encode('{"n":42}', add_special_tokens=False):
         assert state.accept(token)
     logits = torch.zeros(1, VOCAB)
     apply_masks(logits, [state])
     assert _allowed(logits[0]) == {EOS}  # complete: only the end token
     assert not state.terminated and state.accept(EOS) and state.terminated
-    bad = GrammarState(cache.get_blocking(schema("n")), [EOS], VOCAB)
+    bad = GrammarState(cache.get_blocking(schema("n")))
     assert not bad.accept(tokenizer.encode("hello", add_special_tokens=False)[0])
     cache.close()
 
@@ -119,3 +120,25 @@ def test_apply_masks_without_constraints_is_a_no_op() -> None:
     logits = np.ones((2, 8), dtype=np.float32)
     apply_masks(logits, [None, None])
     assert np.array_equal(logits, np.ones((2, 8), dtype=np.float32))
+
+
+def _accepts(tokenizer, compiled, text: str) -> bool:
+    state = GrammarState(compiled)
+    return all(state.accept(t) for t in tokenizer.encode(text, add_special_tokens=False)) and state.accept(EOS)
+
+
+def test_strict_schemas_refuse_unlisted_properties_and_items(tokenizer) -> None:
+    """`strict: true` as xgrammar's strict mode (and vLLM): no `additionalProperties` means none; json_object is any."""
+    cache = cache_for(tokenizer)
+    person = {"type": "object", "properties": {"name": {"type": "string"}}}  # as pydantic writes it
+    listed = cache.get_blocking(
+        OutputConstraint("json_schema", json.dumps({"$defs": {"p": person}, "$ref": "#/$defs/p"}))
+    )
+    assert _accepts(tokenizer, listed, '{"name":"Ann"}') and not _accepts(tokenizer, listed, '{"name":"Ann","age":3}')
+    open_ = cache.get_blocking(OutputConstraint("json_schema", json.dumps({**person, "additionalProperties": True})))
+    assert _accepts(tokenizer, open_, '{"name":"Ann","age":3}')
+    pair = cache.get_blocking(OutputConstraint("json_schema", '{"type":"array","prefixItems":[{"type":"integer"}]}'))
+    assert _accepts(tokenizer, pair, "[1]") and not _accepts(tokenizer, pair, "[1,2]")
+    anything = cache.get_blocking(OutputConstraint("json_object"))
+    assert _accepts(tokenizer, anything, '{"a":{"b":[1,null]}}')
+    cache.close()

@@ -15,12 +15,16 @@ So the engine keeps onnxruntime-genai for what it does well, building the model,
   several steps, so running streams keep flowing;
 - a finished or aborted sequence leaves at once: the last row moves into its place;
 - tokens are chosen per row in numpy (agent.engine.onnx.sampling): requests with different sampling settings share
-  a step, and a seeded request draws from its own random stream.
+  a step, and a seeded request draws from its own random stream;
+- structured-output rows get their grammar masks (agent.engine.structured.grammar) filled on a worker thread while
+  onnxruntime runs the step's forward pass (both release the GIL; a row's grammar state only changes after the step),
+  so the masks cost only their application to the logits on the decode path.
 The loop runs on its own thread (onnxruntime releases the GIL); results go back through each sequence's sink.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +38,7 @@ from agent.engine.onnx.kv import KvPool, PrefixCache
 from agent.engine.onnx.runner import DecoderRunner
 from agent.engine.onnx.sampling import choose_token
 from agent.engine.scheduler_thread import InboxSchedulerThread
-from agent.engine.structured.grammar import GrammarState, apply_masks
+from agent.engine.structured.grammar import GrammarState, RowMasks, apply_row_masks, fill_masks
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -115,14 +119,23 @@ class OnnxSequence:
         self.sink(GenerationChunk(self.request_id, text, len(self.prompt_ids), len(self.generated), reason))
 
 
-def choose_tokens(logits: np.ndarray, seqs: list[OnnxSequence]) -> list[int]:
+def choose_tokens(
+    logits: np.ndarray,
+    seqs: list[OnnxSequence],
+    masks: RowMasks | concurrent.futures.Future[RowMasks | None] | None = None,
+) -> list[int]:
     """One token per row of `logits` ([n, vocab], edited in place): argmax for greedy rows (over the whole batch at
-    once), per-row sampling for the others; banned ids (EOS before a minimum length) are never chosen."""
+    once), per-row sampling for the others; banned ids (EOS before a minimum length) are never chosen, nor tokens
+    the rows' grammars forbid (`masks`: filled already, or being filled; filled here when not given)."""
     for i, seq in enumerate(seqs):
         banned = seq.banned_tokens()
         if banned:
             logits[i, list(banned)] = -np.inf
-    apply_masks(logits, [s.grammar for s in seqs])  # structured-output rows only
+    if isinstance(masks, concurrent.futures.Future):
+        masks = masks.result()
+    elif masks is None:
+        masks = fill_masks([s.grammar for s in seqs])
+    apply_row_masks(logits, masks)  # structured-output rows only
     tokens = np.argmax(logits, axis=-1).tolist()
     for i, seq in enumerate(seqs):
         if not seq.sampling.greedy:
@@ -149,6 +162,9 @@ class OnnxScheduler(InboxSchedulerThread):
         self.waiting: deque[OnnxSequence] = deque()
         self.running: list[OnnxSequence] = []  # running[i] owns pool row i
         self.prefilling: OnnxSequence | None = None  # a prompt being prefilled in chunks, in row len(running)
+        # Fills grammar masks during the forward pass (one thread: one step's masks at a time; llguidance spreads a
+        # batch's rows over its own native threads).
+        self._masker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="onnx-grammar-masks")
         super().__init__("onnx-scheduler")
 
     # --- the scheduler thread -----------------------------------------------------------------------------------
@@ -255,16 +271,20 @@ class OnnxScheduler(InboxSchedulerThread):
         # Row i has cached[i] tokens plus this one: that many ones (GroupQueryAttention reads the sum).
         mask = (np.arange(int(cached.max()) + 1)[None, :] <= cached[:, None]).astype(np.int64)
         last = np.fromiter((s.generated[-1] for s in seqs), dtype=np.int64, count=len(seqs))[:, None]
+        grammars = [s.grammar for s in seqs]
+        masks = self._masker.submit(fill_masks, grammars) if any(g is not None for g in grammars) else None
         try:
             logits = self.runner.forward(slice(0, len(seqs)), last, mask)
         except Exception as exc:
             log.exception("ONNX decode step failed")
+            if masks is not None:
+                concurrent.futures.wait([masks])  # the matchers are in use until it is done
             for seq in seqs:
                 seq.fail(exc)
             self._retire_finished()
             return
         self.stats.record_step(len(seqs))
-        for seq, token in zip(seqs, choose_tokens(logits, seqs), strict=True):
+        for seq, token in zip(seqs, choose_tokens(logits, seqs, masks), strict=True):
             seq.cached += 1
             seq.accept(token)
         self._retire_finished()
@@ -309,3 +329,4 @@ class OnnxScheduler(InboxSchedulerThread):
         self.prefilling = None
         self.pool.release()
         self._update_stats()
+        self._masker.shutdown(wait=False)

@@ -1,18 +1,21 @@
-"""Constrained decoding for the engines we drive ourselves (transformers, ONNX), on xgrammar.
+"""Constrained decoding for the engines we drive ourselves (transformers, ONNX), on llguidance.
 
-Why xgrammar (0.2.8, already installed: vLLM depends on it): it compiles JSON Schemas to a grammar with a per-token
-bitmask precomputed for most of its states, so filling a row's mask takes tens of microseconds; vLLM's default
-structured-output backend is xgrammar too, so every engine enforces the same grammar for the same schema
-(llguidance is also installed; it would do, but would mean two grammar dialects across our engines).
+Why llguidance (1.7, installed with vLLM, which offers it as its `guidance` backend): its token masks come from a
+lexer over the token trie, so a row's mask takes tens of microseconds in most states and well under a millisecond
+inside a bounded string (`maxLength`), where xgrammar 0.2.8 (tried first) scans the whole 49k vocabulary (~9 ms a
+row, +45 % inter-token latency at 32 rows on ONNX). Its batched fill runs every row on native threads without the
+GIL, so the ONNX scheduler computes a step's masks while onnxruntime runs that step's forward pass.
 
-- `GrammarCache` (one per loaded model): compiles a constraint once and keeps the result in an LRU of
-  GRAMMAR_CACHE_SIZE entries. Compiling runs on a small thread pool, never on the event loop or a scheduler thread;
-  a compile slower than GRAMMAR_COMPILE_TIMEOUT_S is refused with 400 (the thread finishes in the background and the
-  schema is remembered as too slow, so sending it again is refused at once), and a schema xgrammar cannot compile is
-  a 400 naming xgrammar's reason. Concurrent requests with one new schema share one compile.
-- `GrammarState` (one per constrained request): xgrammar's matcher, advanced with each accepted token.
-- `apply_masks`: in a scheduler's batched step, fills the bitmask of the constrained rows and applies it to the
-  logits in place (torch; numpy logits are wrapped zero-copy), so constrained and free rows share one batch.
+- `GrammarCache` (one per loaded model): compiles a constraint once (JSON Schema -> llguidance grammar -> a matcher
+  template) and keeps the result in an LRU of GRAMMAR_CACHE_SIZE entries. Compiling runs on a small thread pool,
+  never on the event loop or a scheduler thread; a compile slower than GRAMMAR_COMPILE_TIMEOUT_S is refused with 400
+  (the thread finishes in the background and the schema is remembered as too slow, so sending it again is refused
+  at once), and a schema llguidance cannot compile is a 400 naming its reason. Concurrent requests with one new
+  schema share one compile.
+- `GrammarState` (one per constrained request): a copy of the template matcher, advanced with each accepted token.
+- `fill_masks` / `apply_row_masks` (`apply_masks` is both): in a scheduler's batched step, the constrained rows'
+  bitmasks are filled in one call and applied to the logits in place with one vectorized op (numpy or torch), so
+  constrained and free rows share one batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import json
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -38,6 +42,9 @@ log = logging.getLogger(__name__)
 _COMPILE_THREADS = 2  # compiles run beside generation: at most this many cores go to them
 _TOO_SLOW_REMEMBERED = 256
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what `json_object` means (as in vLLM)
+# Compact JSON (no free whitespace: a small model cannot loop on spaces or newlines), as vLLM's structured outputs
+# with disable_any_whitespace; oneOf is read as anyOf (as xgrammar and vLLM do: exclusivity cannot be masked).
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "coerce_one_of": True}
 
 
 @dataclass(frozen=True)
@@ -48,28 +55,50 @@ class GrammarLimits:
     compile_timeout_s: float = 10.0
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled constraint: a matcher at the grammar's start, copied for each request."""
+
+    template: Any  # llguidance.LLMatcher, never advanced
+    stop_token_ids: frozenset[int]
+    vocab_size: int
+    schema: str  # the JSON Schema it was compiled from
+
+    @functools.cached_property
+    def grammar(self) -> Any:
+        """The same constraint as an xgrammar `Grammar` (compact JSON too), for an engine whose own sampler takes
+        xgrammar EBNF (OpenVINO GenAI); built on first use. InvalidRequestError (400) when xgrammar cannot read it."""
+        import xgrammar as xgr
+
+        try:
+            return xgr.Grammar.from_json_schema(self.schema, any_whitespace=False, separators=(",", ":"))
+        except Exception as exc:  # xgrammar raises RuntimeError with its parser's message
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            if ".cc:" in reason:  # xgrammar prefixes "[time] /path/file.cc:line: "; the reason is what follows
+                reason = reason.split(".cc:", 1)[1].split(": ", 1)[-1]
+            raise InvalidRequestError(f"response_format: the schema cannot be compiled: {_short(reason)}") from None
+
+
 class GrammarCache:
     """Compiles constraints for one tokenizer/vocabulary, off the caller's thread, with an LRU of the results."""
 
     def __init__(
         self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], limits: GrammarLimits | None = None
     ) -> None:
-        import xgrammar as xgr
+        import llguidance.hf
 
         self.limits = limits or GrammarLimits()
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
-        # Our LRU bounds the memory; xgrammar's own cache would keep a second copy.
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=self.stop_token_ids)
         self._pool = concurrent.futures.ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self._lock = threading.Lock()
-        self._lru: collections.OrderedDict[OutputConstraint, Any] = collections.OrderedDict()
-        self._pending: dict[OutputConstraint, concurrent.futures.Future[Any]] = {}
+        self._lru: collections.OrderedDict[OutputConstraint, Compiled] = collections.OrderedDict()
+        self._pending: dict[OutputConstraint, concurrent.futures.Future[Compiled]] = {}
         self._too_slow: collections.OrderedDict[OutputConstraint, None] = collections.OrderedDict()
         self.compiles = 0  # grammars actually compiled (tests and the bench read it)
 
-    def cached(self, constraint: OutputConstraint) -> Any | None:
+    def cached(self, constraint: OutputConstraint) -> Compiled | None:
         """The compiled grammar if it is in the LRU (marking it recently used), else None."""
         with self._lock:
             compiled = self._lru.get(constraint)
@@ -77,7 +106,7 @@ class GrammarCache:
                 self._lru.move_to_end(constraint)
             return compiled
 
-    async def get(self, constraint: OutputConstraint) -> Any:
+    async def get(self, constraint: OutputConstraint) -> Compiled:
         """The compiled grammar for `constraint`; InvalidRequestError (400) when it cannot be compiled in time."""
         compiled = self.cached(constraint)
         if compiled is not None:
@@ -99,7 +128,7 @@ class GrammarCache:
                     self._too_slow.popitem(last=False)
             raise self._timeout_error() from None
 
-    def get_blocking(self, constraint: OutputConstraint) -> Any:
+    def get_blocking(self, constraint: OutputConstraint) -> Compiled:
         """`get` for synchronous callers (tests, the bench): same cache, same errors, no timeout."""
         compiled = self.cached(constraint)
         return compiled if compiled is not None else self._pool.submit(self._compile, constraint).result()
@@ -110,15 +139,22 @@ class GrammarCache:
             f"{self.limits.compile_timeout_s:g} s; simplify it (fewer enum values, less nesting)"
         )
 
-    def _compile(self, constraint: OutputConstraint) -> Any:
+    def _compile(self, constraint: OutputConstraint) -> Compiled:
+        import llguidance
+
+        schema = JSON_OBJECT_SCHEMA if constraint.kind == "json_object" else constraint.schema
         try:
-            # Compact JSON (no free whitespace: a small model cannot loop on spaces or newlines), compiled exactly as
-            # vLLM's xgrammar backend does with disable_any_whitespace, so every engine accepts the same texts.
-            schema = JSON_OBJECT_SCHEMA if constraint.kind == "json_object" else constraint.schema
-            compiled = self._compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
-        except Exception as exc:  # xgrammar raises RuntimeError with its parser's message
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise InvalidRequestError(f"response_format: the schema cannot be compiled: {_short(reason)}") from None
+            if constraint.kind != "json_object":
+                schema = json.dumps(strict_schema(json.loads(schema)))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        except ValueError as exc:
+            raise InvalidRequestError(f"response_format: the schema cannot be compiled: {_short(str(exc))}") from None
+        # The matcher is built here (its parser and lexer; what takes time for a big schema), so a request only
+        # copies it. llguidance never raises on a bad grammar: the matcher is left in an error state instead.
+        template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise InvalidRequestError(f"response_format: the schema cannot be compiled: {_short(template.get_error())}")
+        compiled = Compiled(template, frozenset(self.stop_token_ids), self.vocab_size, schema)
         self.compiles += 1
         with self._lock:
             self._lru[constraint] = compiled
@@ -127,7 +163,7 @@ class GrammarCache:
                 self._lru.popitem(last=False)
         return compiled
 
-    def _settle(self, constraint: OutputConstraint, future: concurrent.futures.Future[Any]) -> None:
+    def _settle(self, constraint: OutputConstraint, future: concurrent.futures.Future[Compiled]) -> None:
         with self._lock:
             self._pending.pop(constraint, None)
             if constraint in self._too_slow:
@@ -137,73 +173,133 @@ class GrammarCache:
         """A fresh per-request matcher for `constraint` (None when unconstrained)."""
         if constraint is None:
             return None
-        return GrammarState(await self.get(constraint), self.stop_token_ids, self.vocab_size)
+        return GrammarState(await self.get(constraint))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties")
+
+
+def strict_schema(node: Any) -> Any:
+    """`strict: true` as xgrammar's strict mode reads it (vLLM's default backend; docs/api.md): an object schema with
+    `properties` allows no other property unless its `additionalProperties` says so, and `prefixItems` without
+    `items` no other item. (llguidance follows JSON Schema, where both default to allowed.) Only subschemas are
+    walked: an `enum`, `const` or `default` value is data, never rewritten."""
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_schema(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(sub) for sub in out[key]]
+    for key in _SUBSCHEMAS:
+        if key in out:
+            out[key] = strict_schema(out[key])
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    if "prefixItems" in out and "items" not in out:
+        out["items"] = False
+    return out
+
+
 def _short(text: str, limit: int = 300) -> str:
-    # xgrammar prefixes "[time] /path/file.cc:line: "; the reason is what follows.
-    if ".cc:" in text:
-        text = text.split(".cc:", 1)[1].split(": ", 1)[-1]
+    text = " ".join(text.split())  # llguidance's regex errors span lines
     return text[:limit]
 
 
 class GrammarState:
     """One request's position in its grammar."""
 
-    def __init__(self, compiled: Any, stop_token_ids: Sequence[int], vocab_size: int) -> None:
-        import xgrammar as xgr
-
-        self.vocab_size = vocab_size
-        self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids))
+    def __init__(self, compiled: Compiled) -> None:
+        self.vocab_size = compiled.vocab_size
+        self._stops = compiled.stop_token_ids
+        self._matcher = compiled.template.deep_copy()
+        self._ended = False
 
     @property
     def matcher(self) -> Any:
-        """xgrammar's GrammarMatcher (`apply_masks` fills many rows' masks at once from them)."""
+        """llguidance's LLMatcher (`fill_masks` fills many rows' masks at once from them)."""
         return self._matcher
 
     def accept(self, token: int) -> bool:
         """Advance with the token the row produced; False if the grammar did not allow it."""
-        return bool(self._matcher.accept_token(token))
+        if not self._matcher.consume_token(token):
+            return False
+        self._ended = token in self._stops
+        return True
 
     @property
     def terminated(self) -> bool:
         """The grammar is complete and its end token was accepted: nothing more may be generated."""
-        return bool(self._matcher.is_terminated())
+        return self._ended
 
 
 @functools.cache
-def _batch_matcher() -> Any:
-    import xgrammar as xgr
+def _executor() -> Any:
+    import llguidance
 
     from agent.engine.cpu import usable_cores
 
-    return xgr.BatchGrammarMatcher(max_threads=usable_cores())
+    return llguidance.LLExecutor(usable_cores())
+
+
+@dataclass(frozen=True)
+class RowMasks:
+    """The filled bitmasks of a batch's constrained rows: `bits[k]` (packed, 32 tokens per int32) is row `rows[k]`'s."""
+
+    rows: list[int]
+    bits: np.ndarray  # [len(rows), ceil(vocab / 32)] int32
+    vocab_size: int
+
+
+def fill_masks(states: Sequence[GrammarState | None]) -> RowMasks | None:
+    """Fill the bitmasks of the constrained rows (None when there are none), every row in one native call that
+    runs on llguidance's threads without the GIL (so it can overlap a forward pass run on another thread)."""
+    rows = [i for i, s in enumerate(states) if s is not None]
+    if not rows:
+        return None
+    import llguidance.numpy as lnp
+
+    vocab = states[rows[0]].vocab_size  # type: ignore[union-attr]
+    bits = lnp.allocate_token_bitmask(len(rows), vocab)
+    lnp.fill_next_token_bitmask_par(_executor(), [(states[i].matcher, k) for k, i in enumerate(rows)], bits)  # type: ignore[union-attr]
+    return RowMasks(rows, bits, vocab)
+
+
+def apply_row_masks(logits: torch.Tensor | np.ndarray, masks: RowMasks | None) -> None:
+    """Set the logits of the tokens the masks forbid to -inf, in place ([B, V] float32; numpy, or torch on any
+    device). Rows without a mask are left untouched (bit for bit); ids at or beyond the tokenizer's vocabulary (a
+    model's padding) are never allowed in a masked row."""
+    if masks is None:
+        return
+    rows, vocab = masks.rows, masks.vocab_size
+    width = min(vocab, logits.shape[-1])
+    # One unpack of the whole packed batch (little-endian: token 32*w + b is bit b of word w), not a loop over rows.
+    allowed = np.unpackbits(masks.bits.view(np.uint8), axis=1, count=width, bitorder="little").view(bool)
+    if isinstance(logits, np.ndarray):
+        for k, i in enumerate(rows):  # copyto edits the row in place; fancy indexing would copy
+            np.copyto(logits[i, :width], -np.inf, where=~allowed[k])
+        logits[rows, width:] = -np.inf
+        return
+    index = torch.tensor(rows, device=logits.device)
+    forbidden = torch.from_numpy(~allowed).to(logits.device)
+    logits[index, :width] = logits[index, :width].masked_fill(forbidden, float("-inf"))
+    logits[index, width:] = float("-inf")
 
 
 def apply_masks(logits: torch.Tensor | np.ndarray, states: Sequence[GrammarState | None]) -> None:
-    """Set the logits of tokens each constrained row's grammar forbids to -inf, in place ([B, V] float32, CPU).
+    """Set the logits of tokens each constrained row's grammar forbids to -inf, in place ([B, V] float32).
 
     Rows whose state is None are left untouched (bit for bit), so free rows in a batch with constrained ones give the
     tokens they would alone.
     """
-    rows = [i for i, s in enumerate(states) if s is not None]
-    if not rows:
-        return
-    import xgrammar as xgr
-
-    tensor = torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits  # zero-copy for numpy
-    vocab = states[rows[0]].vocab_size  # type: ignore[union-attr]
-    bitmask = xgr.allocate_token_bitmask(len(states), vocab)
-    matchers = [states[i].matcher for i in rows]  # type: ignore[union-attr]
-    # A row's mask can take milliseconds (e.g. inside a string with maxLength): fill the rows on several threads
-    # (the model is idle meanwhile: masks are filled between forward passes).
-    _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, rows)
-    xgr.apply_token_bitmask_inplace(tensor, bitmask, vocab_size=min(vocab, tensor.shape[-1]), indices=rows)
-    if tensor.shape[-1] > vocab:  # the model's padding ids beyond the tokenizer's vocabulary are never valid
-        tensor[rows, vocab:] = float("-inf")
+    apply_row_masks(logits, fill_masks(states))
 
 
 class LazyGrammarCache:
