@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.config import Quantization
+from agent.config import DType, Quantization
 from agent.engine.errors import InvalidRequestError, ModelLoadError
 from agent.engine.openvino.build import (
     ExportOptions,
@@ -118,6 +118,19 @@ async def test_cuda_is_refused(smollm_spec: EngineSpec) -> None:
 
     with pytest.raises(ModelLoadError, match="DEVICE=cuda.*LOADING_STRATEGY=vllm"):
         await OpenVinoEngine(smollm_spec.with_(device="cuda")).start()
+
+
+@pytest.mark.parametrize(("dtype", "precision"), [(DType.float32, "f32"), (DType.bfloat16, "bf16"), (DType.auto, None)])
+def test_cpu_properties(smollm_spec: EngineSpec, dtype: DType, precision: str | None) -> None:
+    """One property map for the LLM and the vision encoder: DTYPE's precision, our thread count, pinning off (pinned
+    threads stalled on the shared CPU: docs/openvino.md)."""
+    from agent.engine.openvino.engine import OpenVinoEngine
+
+    props = OpenVinoEngine(smollm_spec.with_(dtype=dtype), threads=3)._properties()
+    assert props["INFERENCE_NUM_THREADS"] == 3
+    assert props["ENABLE_CPU_PINNING"] is False
+    assert props.get("INFERENCE_PRECISION_HINT") == precision
+    assert ("KV_CACHE_PRECISION" in props) == (dtype is DType.float32)
 
 
 def test_loader_builds_the_openvino_engine() -> None:
