@@ -16,9 +16,10 @@ So the engine keeps onnxruntime-genai for what it does well, building the model,
 - a finished or aborted sequence leaves at once: the last row moves into its place;
 - tokens are chosen per row in numpy (agent.engine.onnx.sampling): requests with different sampling settings share
   a step, and a seeded request draws from its own random stream;
-- structured-output rows get their grammar masks (agent.engine.structured.grammar) filled on a worker thread while
-  onnxruntime runs the step's forward pass (both release the GIL; a row's grammar state only changes after the step),
-  so the masks cost only their application to the logits on the decode path.
+- structured-output rows: a greedy row's argmax is checked against its grammar (one token's check) and its mask
+  (agent.engine.structured.grammar) is filled only when the grammar refuses that token; a sampled row's mask is
+  filled on a worker thread while onnxruntime runs the step's forward pass (both release the GIL; a row's grammar
+  state only changes after the step).
 The loop runs on its own thread (onnxruntime releases the GIL); results go back through each sequence's sink.
 """
 
@@ -126,7 +127,9 @@ def choose_tokens(
 ) -> list[int]:
     """One token per row of `logits` ([n, vocab], edited in place): argmax for greedy rows (over the whole batch at
     once), per-row sampling for the others; banned ids (EOS before a minimum length) are never chosen, nor tokens
-    the rows' grammars forbid (`masks`: filled already, or being filled; filled here when not given)."""
+    the rows' grammars forbid. `masks` holds the sampled constrained rows' masks (filled already, or being filled;
+    filled here when not given). A greedy constrained row's mask is filled only when its grammar forbids the row's
+    argmax: when the grammar allows the best token, masking the others cannot change the choice."""
     for i, seq in enumerate(seqs):
         banned = seq.banned_tokens()
         if banned:
@@ -134,9 +137,18 @@ def choose_tokens(
     if isinstance(masks, concurrent.futures.Future):
         masks = masks.result()
     elif masks is None:
-        masks = fill_masks([s.grammar for s in seqs])
-    apply_row_masks(logits, masks)  # structured-output rows only
+        masks = fill_masks([None if s.sampling.greedy else s.grammar for s in seqs])
+    apply_row_masks(logits, masks)  # sampled structured-output rows (and any row the caller filled)
     tokens = np.argmax(logits, axis=-1).tolist()
+    refused = [
+        s.grammar if s.grammar is not None and s.sampling.greedy and not s.grammar.allows(tokens[i]) else None
+        for i, s in enumerate(seqs)
+    ]
+    later = fill_masks(refused)
+    if later is not None:
+        apply_row_masks(logits, later)
+        for i in later.rows:
+            tokens[i] = int(np.argmax(logits[i]))
     for i, seq in enumerate(seqs):
         if not seq.sampling.greedy:
             tokens[i] = choose_token(logits[i], seq.sampling, seq.rng)
@@ -271,7 +283,7 @@ class OnnxScheduler(InboxSchedulerThread):
         # Row i has cached[i] tokens plus this one: that many ones (GroupQueryAttention reads the sum).
         mask = (np.arange(int(cached.max()) + 1)[None, :] <= cached[:, None]).astype(np.int64)
         last = np.fromiter((s.generated[-1] for s in seqs), dtype=np.int64, count=len(seqs))[:, None]
-        grammars = [s.grammar for s in seqs]
+        grammars = [None if s.sampling.greedy else s.grammar for s in seqs]  # greedy rows: see choose_tokens
         masks = self._masker.submit(fill_masks, grammars) if any(g is not None for g in grammars) else None
         try:
             logits = self.runner.forward(slice(0, len(seqs)), last, mask)

@@ -234,6 +234,10 @@ class GrammarState:
         self._ended = token in self._stops
         return True
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar allows `token` next (one token's check: far cheaper than filling a whole mask)."""
+        return self._matcher.validate_tokens([token]) == 1
+
     @property
     def terminated(self) -> bool:
         """The grammar is complete and its end token was accepted: nothing more may be generated."""

@@ -52,3 +52,25 @@ def test_masks_from_the_worker_thread_choose_as_inline_masks(grammars: GrammarCa
     assert inline == ahead
     assert [inline[0], inline[2]] == [free_alone[0], free_alone[2]]  # free rows: as alone
     assert inline[1] != free_alone[1] and seqs[1].grammar.accept(inline[1])  # the constrained row: in its grammar
+
+
+def test_a_greedy_row_whose_best_token_is_allowed_needs_no_mask(grammars: GrammarCache, monkeypatch) -> None:
+    import agent.engine.onnx.scheduler as scheduler
+
+    compiled = grammars.get_blocking(OutputConstraint("json_schema", json.dumps({"type": "integer"})))
+    state = GrammarState(compiled)
+    masks = fill_masks([state])
+    allowed = np.unpackbits(masks.bits.view(np.uint8), axis=1, count=VOCAB, bitorder="little")[0].astype(bool)
+    rng = np.random.default_rng(2)
+    for token in rng.choice(VOCAB, 300, replace=False).tolist() + np.flatnonzero(allowed)[:50].tolist():
+        assert state.allows(token) == allowed[token], token  # the one-token check agrees with the mask
+    raw = rng.standard_normal((1, VOCAB)).astype(np.float32)
+    digit = int(np.flatnonzero(allowed)[0])
+    raw[0, digit] = 100.0  # the best token is one the grammar allows
+    filled: list = []
+    monkeypatch.setattr(scheduler, "fill_masks", lambda states: filled.append(states) or fill_masks(states))
+    assert choose_tokens(raw.copy(), [sequence(state)]) == [digit]
+    assert all(s is None for states in filled for s in states)  # no mask was filled for it
+    raw[0, digit] = -100.0  # now forbidden as best: the mask is filled and an allowed token chosen
+    (token,) = choose_tokens(raw.copy(), [sequence(state)])
+    assert allowed[token] and any(s is not None for states in filled for s in states)
