@@ -145,10 +145,7 @@ class OpenAIStream:
     `llama-server`)."""
 
     def __init__(self, base_url: str, model: str, tokens: int, workload: Workload = DEFAULT_WORKLOAD) -> None:
-        # Idle connections are dropped after 1 s: llama-server (cpp-httplib) closes them after 5 s, and a request
-        # sent on one it is closing fails with "Server disconnected" (2 of 192 once) without being a server error.
-        limits = httpx.Limits(max_connections=256, keepalive_expiry=1.0)
-        self.client = httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits)
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=256))
         self.model = model
         self.tokens = tokens
         self.workload = workload

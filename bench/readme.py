@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def side_sections(folder: Path, readme_dir: Path) -> str:
         if not found:
             continue
         title, _, body = found[-1].read_text().strip().partition("\n")
+        body = re.sub(r"^#+ (.+)$", r"**\1**", body, flags=re.MULTILINE)  # its headings would be the README's
         link = Path(os.path.relpath(found[-1].resolve(), readme_dir.resolve())).as_posix()
         parts.append(f"**{title.lstrip('# ').strip()}** ([{link}]({link})):\n{body.rstrip()}")
     return "\n\n".join(parts)
