@@ -79,3 +79,12 @@ async def tiny_vl_engine(tiny_vl_folder: Path, engine_device: str, engine_dtype:
 
     async with started(TransformersEngine(tiny_vl_spec(tiny_vl_folder, engine_dtype, engine_device))) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+async def openvino_tiny_vl_engine(tiny_vl_folder, engine_dtype):
+    """The OpenVINO engine on the tiny Qwen3-VL's fp32 export, with the same pixel budget as `tiny_vl_engine`."""
+    from agent.engine.openvino.engine import OpenVinoEngine
+
+    async with started(OpenVinoEngine(tiny_vl_spec(tiny_vl_folder, engine_dtype))) as engine:
+        yield engine

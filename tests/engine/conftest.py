@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engines import started, tiny_vl_spec
+from tests.engines import started
 
 ENGINE_KINDS = ["transformers", "vllm", "onnx", "openvino"]
 
@@ -44,15 +44,6 @@ async def openvino_smollm_engine(smollm_spec):
     from agent.engine.openvino.engine import OpenVinoEngine
 
     async with started(OpenVinoEngine(smollm_spec)) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="session")
-async def openvino_tiny_vl_engine(tiny_vl_folder, engine_dtype):
-    """The OpenVINO engine on the tiny Qwen3-VL's fp32 export, with the same pixel budget as `tiny_vl_engine`."""
-    from agent.engine.openvino.engine import OpenVinoEngine
-
-    async with started(OpenVinoEngine(tiny_vl_spec(tiny_vl_folder, engine_dtype))) as engine:
         yield engine
 
 

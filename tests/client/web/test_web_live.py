@@ -1,4 +1,5 @@
-"""The chat page end to end with real models: Chromium -> the real FastAPI app -> the session's transformers engines.
+"""The chat page end to end with real models: Chromium -> the real FastAPI app -> the session's engines
+(transformers; OpenVINO too for a pasted image).
 
 Screenshots (desktop 1280 px and phone 375 px, light and dark) are written to test-artifacts/web/.
 """
@@ -64,7 +65,14 @@ async def test_question_gets_a_streamed_answer_from_the_real_model(smollm_engine
         assert re.fullmatch(r"\d+\.\d s · \d+ tokens?( · cut at the token limit)?", meta), meta
 
 
-async def test_pasted_image_reaches_the_vision_model(tiny_vl_engine, app_settings, new_page, monkeypatch) -> None:
+@pytest.fixture(params=["tiny_vl_engine", "openvino_tiny_vl_engine"])
+def vision_engine(request: pytest.FixtureRequest):
+    """The tiny Qwen3-VL on the transformers engine and on OpenVINO (what `auto` picks for images on a CPU)."""
+    return request.getfixturevalue(request.param)
+
+
+async def test_pasted_image_reaches_the_vision_model(vision_engine, app_settings, new_page, monkeypatch) -> None:
+    tiny_vl_engine = vision_engine
     seen: list[GenerationRequest] = []
     real_generate = tiny_vl_engine.generate
 
