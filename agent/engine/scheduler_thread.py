@@ -1,4 +1,5 @@
-"""The background-thread lifecycle the engines' schedulers share (transformers, ONNX, OpenVINO).
+"""The background-thread lifecycle the engines' schedulers share (transformers, ONNX, OpenVINO), and the streaming
+end of a sequence the ONNX and OpenVINO schedulers share.
 
 Each scheduler runs its loop in `_run` on one daemon thread; other threads hand it work under `_cond` and wake it
 with `notify()`; `stop()` sets `_stopping`, wakes it and waits for the loop to end (the loop aborts what is left).
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import threading
 from typing import Any
+
+from agent.engine.types import FinishReason, GenerationChunk
 
 
 class SchedulerThread:
@@ -62,3 +65,47 @@ class InboxSchedulerThread(SchedulerThread):
 
     def _update_stats(self) -> None:
         raise NotImplementedError
+
+
+class StreamedSequence:
+    """How a sequence (ONNX, OpenVINO) streams a token's text and finishes. A dataclass subclass provides request_id,
+    sink, detokenizer, eos_ids, max_new_tokens, min_new_tokens, finish_reason, on_finish, `_stops` (a
+    StopMatcher) and `_counts()` -> (prompt tokens, completion tokens)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None  # type: ignore[attr-defined]
+
+    def _stream(self, token: int, count: int) -> None:
+        """The `count`-th generated `token`: finish on EOS, a stop string or the length limit, else stream its text."""
+        if token in self.eos_ids and count > self.min_new_tokens:  # type: ignore[attr-defined]
+            self.finish("stop", self._stops.flush())  # type: ignore[attr-defined]
+            return
+        text = self._stops.feed(self.detokenizer.push(token))  # type: ignore[attr-defined]
+        if self._stops.stopped:  # type: ignore[attr-defined]
+            self.finish("stop", text)
+        elif count >= self.max_new_tokens:  # type: ignore[attr-defined]
+            self.finish("length", text + self._stops.flush())  # type: ignore[attr-defined]
+        elif text:
+            self._emit(text, None)
+
+    def finish(self, reason: FinishReason, text: str = "") -> None:
+        if not self.finished:
+            self.finish_reason = reason
+            if self.on_finish is not None:  # type: ignore[attr-defined]
+                self.on_finish()  # type: ignore[attr-defined]
+            self._emit(text, reason)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.finished:
+            self.finish_reason = "error"
+            if self.on_finish is not None:  # type: ignore[attr-defined]
+                self.on_finish()  # type: ignore[attr-defined]
+            self.sink(exc)  # type: ignore[attr-defined]
+
+    def _counts(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _emit(self, text: str, reason: FinishReason | None) -> None:
+        prompt, completion = self._counts()
+        self.sink(GenerationChunk(self.request_id, text, prompt, completion, reason))  # type: ignore[attr-defined]

@@ -38,7 +38,7 @@ from agent.engine.detokenize import StopMatcher
 from agent.engine.onnx.kv import KvPool, PrefixCache
 from agent.engine.onnx.runner import DecoderRunner
 from agent.engine.onnx.sampling import choose_token
-from agent.engine.scheduler_thread import InboxSchedulerThread
+from agent.engine.scheduler_thread import InboxSchedulerThread, StreamedSequence
 from agent.engine.structured.grammar import GrammarState, RowMasks, apply_row_masks, fill_masks
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
@@ -49,7 +49,7 @@ _MIN_CHUNK = 32  # a new prefill starts only with at least this much of the step
 
 
 @dataclass(eq=False)
-class OnnxSequence:
+class OnnxSequence(StreamedSequence):
     """One request inside the scheduler: its prompt, what it generated so far, and where its chunks go."""
 
     request_id: str
@@ -72,10 +72,6 @@ class OnnxSequence:
         self.min_new_tokens = self.max_new_tokens if self.sampling.ignore_eos and self.grammar is None else 0
 
     @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
     def tokens_needed(self) -> int:
         """KV positions this sequence can reach: its prompt and every token it may generate."""
         return len(self.prompt_ids) + self.max_new_tokens
@@ -91,33 +87,10 @@ class OnnxSequence:
             log.error("request %s: token %d is outside its grammar; ending it", self.request_id, token)
             self.finish("stop", self._stops.flush())
             return
-        if token in self.eos_ids and count > self.min_new_tokens:
-            self.finish("stop", self._stops.flush())
-            return
-        text = self._stops.feed(self.detokenizer.push(token))
-        if self._stops.stopped:
-            self.finish("stop", text)
-        elif count >= self.max_new_tokens:
-            self.finish("length", text + self._stops.flush())
-        elif text:
-            self._emit(text, None)
+        self._stream(token, count)
 
-    def finish(self, reason: FinishReason, text: str = "") -> None:
-        if not self.finished:
-            self.finish_reason = reason
-            if self.on_finish is not None:
-                self.on_finish()
-            self._emit(text, reason)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.finished:
-            self.finish_reason = "error"
-            if self.on_finish is not None:
-                self.on_finish()
-            self.sink(exc)
-
-    def _emit(self, text: str, reason: FinishReason | None) -> None:
-        self.sink(GenerationChunk(self.request_id, text, len(self.prompt_ids), len(self.generated), reason))
+    def _counts(self) -> tuple[int, int]:
+        return len(self.prompt_ids), len(self.generated)
 
 
 def choose_tokens(

@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.engine.detokenize import StopMatcher
 from agent.engine.errors import InvalidRequestError
-from agent.engine.scheduler_thread import InboxSchedulerThread
+from agent.engine.scheduler_thread import InboxSchedulerThread, StreamedSequence
 from agent.engine.types import EngineStats, FinishReason, GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ Sink = Callable[[GenerationChunk | BaseException], None]
 
 
 @dataclass(eq=False)
-class OvSequence:
+class OvSequence(StreamedSequence):
     """One request: what to add to the pipeline, what it generated so far, and where its chunks go.
 
     `prompt` is either token ids (text models: our tokenizer's ids, the same as every other engine) or a rendered
@@ -57,40 +57,13 @@ class OvSequence:
         self._stops = StopMatcher(self.sampling.stop)
         self.min_new_tokens = self.max_new_tokens if self.sampling.ignore_eos else 0
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
     def accept(self, token: int) -> None:
         """Take one generated token: stream its text; finish on EOS, a stop string or the length limit."""
         self.generated += 1
-        if token in self.eos_ids and self.generated > self.min_new_tokens:
-            self.finish("stop", self._stops.flush())
-            return
-        text = self._stops.feed(self.detokenizer.push(token))
-        if self._stops.stopped:
-            self.finish("stop", text)
-        elif self.generated >= self.max_new_tokens:
-            self.finish("length", text + self._stops.flush())
-        elif text:
-            self._emit(text, None)
+        self._stream(token, self.generated)
 
-    def finish(self, reason: FinishReason, text: str = "") -> None:
-        if not self.finished:
-            self.finish_reason = reason
-            if self.on_finish is not None:
-                self.on_finish()
-            self._emit(text, reason)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.finished:
-            self.finish_reason = "error"
-            if self.on_finish is not None:
-                self.on_finish()
-            self.sink(exc)
-
-    def _emit(self, text: str, reason: FinishReason | None) -> None:
-        self.sink(GenerationChunk(self.request_id, text, self.prompt_tokens, self.generated, reason))
+    def _counts(self) -> tuple[int, int]:
+        return self.prompt_tokens, self.generated
 
 
 class OvScheduler(InboxSchedulerThread):
