@@ -44,6 +44,7 @@ class KvPool:
         self.capacity = 0
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
+        self.generation = 0  # bumped whenever the buffers are replaced or freed (views of older ones are stale)
 
     def sized_for(self, rows: int, tokens: int) -> tuple[int, int]:
         """The (rows, capacity) the pool grows to for `rows` sequences of up to `tokens` tokens (powers of two, so
@@ -72,10 +73,12 @@ class KvPool:
                 else:
                     buffers.append(grown)
         self.rows, self.capacity = new_rows, new_capacity
+        self.generation += 1
 
     def release(self) -> None:
         """Free the buffers (nothing is running)."""
         self.keys, self.values, self.rows, self.capacity = [], [], 0, 0
+        self.generation += 1
 
     def move(self, src: int, dst: int, tokens: int) -> None:
         for buffers in (self.keys, self.values):

@@ -7,11 +7,14 @@ past_present_share_buffer): so past and present are bound to the same views of t
 copied. Each row's length comes from its attention-mask sum; a row's new tokens go right after its cached ones.
 GroupQueryAttention refuses a batch of several rows that each bring more than one token with a cache behind them,
 so a prefill that reuses a cached prefix runs one row at a time (decode steps and cold prefills batch freely).
+Binding the 2 x layers KV views costs ~0.3 ms (3 % of a batch-1 decode step here), so a binding is kept per rows
+slice until the pool's buffers change; each run rebinds only the token ids, the mask and the logits.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,19 +40,33 @@ class DecoderRunner:
             raise ModelLoadError(f"{model_file}: unsupported decoder inputs {unexpected} for the ONNX engine")
         logits = next(arg for arg in self.session.get_outputs() if arg.name == "logits")
         self.vocab_size = int(logits.shape[-1])
+        self._bindings: dict[tuple[int, int], Any] = {}  # (first row, end row) -> binding with their KV bound
+        self._bound_generation = pool.generation
 
     def forward(self, rows: slice, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Run `input_ids` for pool rows `rows`; returns each row's logits for its last real token, [n, vocab]."""
         ort = self._ort
-        binding = self.session.io_binding()
+        binding = self._kv_binding(rows)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        for layer, (keys, values) in enumerate(zip(self.pool.keys, self.pool.values, strict=True)):
-            for kind, buffer in (("key", keys), ("value", values)):
-                view = ort.OrtValue.ortvalue_from_numpy(buffer[rows])
-                binding.bind_ortvalue_input(f"{_PAST}{layer}.{kind}", view)
-                binding.bind_ortvalue_output(f"present.{layer}.{kind}", view)
         logits = np.empty((input_ids.shape[0], 1, self.vocab_size), dtype=np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
         return logits[:, -1]
+
+    def _kv_binding(self, rows: slice) -> Any:
+        """A binding of `rows`' KV views (past and present share each one), made once per rows slice and pool
+        allocation; bindings of older buffers are dropped before they could run."""
+        if self._bound_generation != self.pool.generation:
+            self._bindings.clear()
+            self._bound_generation = self.pool.generation
+        key = (rows.start, rows.stop)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self._bindings[key] = self.session.io_binding()
+            for layer, (keys, values) in enumerate(zip(self.pool.keys, self.pool.values, strict=True)):
+                for kind, buffer in (("key", keys), ("value", values)):
+                    view = self._ort.OrtValue.ortvalue_from_numpy(buffer[rows])
+                    binding.bind_ortvalue_input(f"{_PAST}{layer}.{kind}", view)
+                    binding.bind_ortvalue_output(f"present.{layer}.{kind}", view)
+        return binding

@@ -257,6 +257,28 @@ def test_decode_logits_in_a_batch_match_alone_within_the_measured_bound(
 
 
 @pytest.mark.slow
+def test_runner_rebinds_the_kv_when_the_pool_grows(smollm_folder: Path, model_cache_dir: Path) -> None:
+    """The runner keeps a binding per rows slice; after the pool reallocates, a step must read and write the new
+    buffers (same logits as before the move, and the step's KV lands in the new row)."""
+    from agent.engine.onnx.kv import KvPool, KvShape
+    from agent.engine.onnx.runner import DecoderRunner
+
+    path = ensure_onnx_model(smollm_folder, model_cache_dir, OnnxBuildOptions("int4"))
+    decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+    pool = KvPool(KvShape(decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]), 4096)
+    pool.ensure(1, 16, keep=(0, 0))
+    runner = DecoderRunner(path / decoder["filename"], 2, pool)
+    prompt = np.arange(100, 110)[None]
+    runner.forward(slice(0, 1), prompt, np.ones((1, 10), dtype=np.int64))
+    before = runner.forward(slice(0, 1), np.array([[7]]), np.ones((1, 11), dtype=np.int64)).copy()
+    pool.ensure(3, 64, keep=(1, 10))  # new, larger buffers holding the prompt's KV; the old ones are freed
+    pool.keys[0][0, :, 10:] = 0.0  # np.empty: whatever was in that memory before
+    after = runner.forward(slice(0, 1), np.array([[7]]), np.ones((1, 11), dtype=np.int64))
+    np.testing.assert_array_equal(after, before)
+    assert pool.keys[0][0, :, 10].any()  # position 10 written into the new buffer
+
+
+@pytest.mark.slow
 async def test_seeded_sampling_is_reproducible_beside_other_requests(int4_engine) -> None:
     """Each seeded request draws from its own random stream, so neighbours with other settings do not consume it.
 

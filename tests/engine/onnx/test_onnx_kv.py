@@ -31,6 +31,21 @@ def test_pool_grows_in_powers_of_two_and_keeps_what_it_holds() -> None:
     assert (pool.rows, pool.capacity, pool.keys) == (0, 0, [])
 
 
+def test_pool_generation_changes_exactly_when_the_buffers_do() -> None:
+    """The runner keeps its bindings of the buffers' views while the generation stays (agent.engine.onnx.runner)."""
+    pool = KvPool(SHAPE, context_length=100)
+    seen = [pool.generation]
+    pool.ensure(3, 20, keep=(0, 0))
+    seen.append(pool.generation)
+    pool.ensure(2, 10, keep=(2, 20))  # fits: same buffers
+    assert pool.generation == seen[-1]
+    pool.ensure(5, 20, keep=(2, 20))
+    seen.append(pool.generation)
+    pool.release()
+    seen.append(pool.generation)
+    assert len(set(seen)) == 4
+
+
 def test_pool_move_read_write() -> None:
     pool = KvPool(SHAPE, context_length=64)
     pool.ensure(4, 16, keep=(0, 0))
