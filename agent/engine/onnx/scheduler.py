@@ -242,9 +242,9 @@ class OnnxScheduler(InboxSchedulerThread):
         if end < len(prompt):
             return done
         self.prefilling = None
-        self.prefixes.store(prompt, lambda n: self.pool.read(row, n))
         self.running.append(seq)
-        seq.accept(choose_tokens(logits, [seq])[0])
+        seq.accept(choose_tokens(logits, [seq])[0])  # the first token goes out before the prompt's KV is copied
+        self.prefixes.store(prompt, lambda n: self.pool.read(row, n))
         if seq.finished:
             self._retire_finished()
         return done
