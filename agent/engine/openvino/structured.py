@@ -21,20 +21,16 @@ Nor does it know the `Regex(...)` macro 0.2.8 writes for a string's `pattern`: s
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import concurrent.futures
 import re
-import threading
 from collections.abc import Iterable
 from typing import Any
 
 from agent.engine.errors import InvalidRequestError
-from agent.engine.structured.grammar import JSON_OBJECT_SCHEMA, GrammarLimits
+from agent.engine.structured.compile_cache import CompileCache, GrammarLimits
+from agent.engine.structured.grammar import JSON_OBJECT_SCHEMA
 from agent.engine.types import OutputConstraint
 
 _UNBOUNDED = re.compile(r"\{(\d+), -1\}")
-_TOO_SLOW_REMEMBERED = 256
 
 
 def openvino_ebnf(ebnf: str) -> str:
@@ -55,59 +51,26 @@ def openvino_ebnf(ebnf: str) -> str:
     return converted
 
 
-class OvGrammars:
-    """Constraint -> the EBNF text the pipeline enforces; compiled once (LRU of GRAMMAR_CACHE_SIZE), off-thread.
+class OvGrammars(CompileCache[str]):
+    """Constraint -> the EBNF text the pipeline enforces; compiled once, off-thread (agent.engine.structured.
+    compile_cache: LRU of GRAMMAR_CACHE_SIZE, GRAMMAR_COMPILE_TIMEOUT_S).
 
     The xgrammar tokenizer info (~1 s to read a vocabulary) is built on the first constrained request."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], limits: GrammarLimits) -> None:
-        self.limits = limits
+        super().__init__(limits, 1, "openvino-grammar")
         self._args = (tokenizer, vocab_size, sorted(stop_token_ids))
         self._compiler: Any = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="openvino-grammar")
-        self._lock = threading.Lock()
-        self._lru: collections.OrderedDict[OutputConstraint, str] = collections.OrderedDict()
-        self._pending: dict[OutputConstraint, concurrent.futures.Future[str]] = {}
-        self._too_slow: collections.OrderedDict[OutputConstraint, None] = collections.OrderedDict()
-        self.compiles = 0
 
     async def config(self, constraint: OutputConstraint) -> Any:
         """An openvino_genai.StructuredOutputConfig for `constraint`; InvalidRequestError (400) if it cannot be."""
         import openvino_genai as ov_genai
 
         config = ov_genai.StructuredOutputConfig()
-        config.grammar = await self.ebnf(constraint)
+        config.grammar = await self.get(constraint)
         return config
 
-    async def ebnf(self, constraint: OutputConstraint) -> str:
-        with self._lock:
-            text = self._lru.get(constraint)
-            if text is not None:
-                self._lru.move_to_end(constraint)
-                return text
-            if constraint in self._too_slow:
-                raise self._timeout_error()
-            future = self._pending.get(constraint)
-            if future is None:
-                future = self._pool.submit(self._compile, constraint)
-                self._pending[constraint] = future
-                future.add_done_callback(lambda _f, c=constraint: self._pending.pop(c, None))
-        try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.limits.compile_timeout_s)
-        except TimeoutError:
-            with self._lock:
-                self._too_slow[constraint] = None
-                while len(self._too_slow) > _TOO_SLOW_REMEMBERED:
-                    self._too_slow.popitem(last=False)
-            raise self._timeout_error() from None
-
-    def _timeout_error(self) -> InvalidRequestError:
-        return InvalidRequestError(
-            f"response_format: the schema's grammar did not compile within GRAMMAR_COMPILE_TIMEOUT_S="
-            f"{self.limits.compile_timeout_s:g} s; simplify it (fewer enum values, less nesting)"
-        )
-
-    def _compile(self, constraint: OutputConstraint) -> str:
+    def _build(self, constraint: OutputConstraint) -> str:
         import xgrammar as xgr
 
         if self._compiler is None:
@@ -123,14 +86,4 @@ class OvGrammars:
             if ".cc:" in reason:  # "[time] /path/file.cc:line: reason"
                 reason = reason.split(".cc:", 1)[1].split(": ", 1)[-1]
             raise InvalidRequestError(f"response_format: the schema cannot be compiled: {reason[:300]}") from None
-        text = openvino_ebnf(str(grammar))
-        self.compiles += 1
-        with self._lock:
-            if constraint not in self._too_slow:
-                self._lru[constraint] = text
-                while len(self._lru) > max(self.limits.cache_size, 0):
-                    self._lru.popitem(last=False)
-        return text
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        return openvino_ebnf(str(grammar))

@@ -7,11 +7,9 @@ row, +45 % inter-token latency at 32 rows on ONNX). Its batched fill runs every 
 GIL, so the ONNX scheduler computes a step's masks while onnxruntime runs that step's forward pass.
 
 - `GrammarCache` (one per loaded model): compiles a constraint once (JSON Schema -> llguidance grammar -> a matcher
-  template) and keeps the result in an LRU of GRAMMAR_CACHE_SIZE entries. Compiling runs on a small thread pool,
-  never on the event loop or a scheduler thread; a compile slower than GRAMMAR_COMPILE_TIMEOUT_S is refused with 400
-  (the thread finishes in the background and the schema is remembered as too slow, so sending it again is refused
-  at once), and a schema llguidance cannot compile is a 400 naming its reason. Concurrent requests with one new
-  schema share one compile.
+  template) on a small thread pool, never on the event loop or a scheduler thread, with the LRU, the shared
+  compiles and the GRAMMAR_COMPILE_TIMEOUT_S refusal of agent.engine.structured.compile_cache; a schema llguidance
+  cannot compile is a 400 naming its reason.
 - `GrammarState` (one per constrained request): a copy of the template matcher, advanced with each accepted token.
 - `fill_masks` / `apply_row_masks` (`apply_masks` is both): in a scheduler's batched step, the constrained rows'
   bitmasks are filled in one call and applied to the logits in place with one vectorized op (numpy or torch), so
@@ -21,8 +19,6 @@ GIL, so the ONNX scheduler computes a step's masks while onnxruntime runs that s
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import functools
 import json
 import logging
@@ -35,24 +31,16 @@ import numpy as np
 import torch
 
 from agent.engine.errors import InvalidRequestError
+from agent.engine.structured.compile_cache import CompileCache, GrammarLimits
 from agent.engine.types import OutputConstraint
 
 log = logging.getLogger(__name__)
 
 _COMPILE_THREADS = 2  # compiles run beside generation: at most this many cores go to them
-_TOO_SLOW_REMEMBERED = 256
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what `json_object` means (as in vLLM)
 # Compact JSON (no free whitespace: a small model cannot loop on spaces or newlines), as vLLM's structured outputs
 # with disable_any_whitespace; oneOf is read as anyOf (as xgrammar and vLLM do: exclusivity cannot be masked).
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "coerce_one_of": True}
-
-
-@dataclass(frozen=True)
-class GrammarLimits:
-    """GRAMMAR_CACHE_SIZE and GRAMMAR_COMPILE_TIMEOUT_S."""
-
-    cache_size: int = 64
-    compile_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,82 +52,22 @@ class Compiled:
     vocab_size: int
     schema: str  # the JSON Schema it was compiled from
 
-    @functools.cached_property
-    def grammar(self) -> Any:
-        """The same constraint as an xgrammar `Grammar` (compact JSON too), for an engine whose own sampler takes
-        xgrammar EBNF (OpenVINO GenAI); built on first use. InvalidRequestError (400) when xgrammar cannot read it."""
-        import xgrammar as xgr
 
-        try:
-            return xgr.Grammar.from_json_schema(self.schema, any_whitespace=False, separators=(",", ":"))
-        except Exception as exc:  # xgrammar raises RuntimeError with its parser's message
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            if ".cc:" in reason:  # xgrammar prefixes "[time] /path/file.cc:line: "; the reason is what follows
-                reason = reason.split(".cc:", 1)[1].split(": ", 1)[-1]
-            raise InvalidRequestError(f"response_format: the schema cannot be compiled: {_short(reason)}") from None
-
-
-class GrammarCache:
-    """Compiles constraints for one tokenizer/vocabulary, off the caller's thread, with an LRU of the results."""
+class GrammarCache(CompileCache[Compiled]):
+    """Compiles constraints for one tokenizer/vocabulary into llguidance matcher templates (agent.engine.structured.
+    compile_cache: off the caller's thread, LRU, compile time limit)."""
 
     def __init__(
         self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], limits: GrammarLimits | None = None
     ) -> None:
         import llguidance.hf
 
-        self.limits = limits or GrammarLimits()
+        super().__init__(limits, _COMPILE_THREADS, "grammar-compile")
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=self.stop_token_ids)
-        self._pool = concurrent.futures.ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="grammar-compile")
-        self._lock = threading.Lock()
-        self._lru: collections.OrderedDict[OutputConstraint, Compiled] = collections.OrderedDict()
-        self._pending: dict[OutputConstraint, concurrent.futures.Future[Compiled]] = {}
-        self._too_slow: collections.OrderedDict[OutputConstraint, None] = collections.OrderedDict()
-        self.compiles = 0  # grammars actually compiled (tests and the bench read it)
 
-    def cached(self, constraint: OutputConstraint) -> Compiled | None:
-        """The compiled grammar if it is in the LRU (marking it recently used), else None."""
-        with self._lock:
-            compiled = self._lru.get(constraint)
-            if compiled is not None:
-                self._lru.move_to_end(constraint)
-            return compiled
-
-    async def get(self, constraint: OutputConstraint) -> Compiled:
-        """The compiled grammar for `constraint`; InvalidRequestError (400) when it cannot be compiled in time."""
-        compiled = self.cached(constraint)
-        if compiled is not None:
-            return compiled
-        with self._lock:
-            if constraint in self._too_slow:
-                raise self._timeout_error()
-            future = self._pending.get(constraint)
-            if future is None:
-                future = self._pool.submit(self._compile, constraint)
-                self._pending[constraint] = future
-                future.add_done_callback(lambda f, c=constraint: self._settle(c, f))
-        try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.limits.compile_timeout_s)
-        except TimeoutError:
-            with self._lock:
-                self._too_slow[constraint] = None
-                while len(self._too_slow) > _TOO_SLOW_REMEMBERED:
-                    self._too_slow.popitem(last=False)
-            raise self._timeout_error() from None
-
-    def get_blocking(self, constraint: OutputConstraint) -> Compiled:
-        """`get` for synchronous callers (tests, the bench): same cache, same errors, no timeout."""
-        compiled = self.cached(constraint)
-        return compiled if compiled is not None else self._pool.submit(self._compile, constraint).result()
-
-    def _timeout_error(self) -> InvalidRequestError:
-        return InvalidRequestError(
-            f"response_format: the schema's grammar did not compile within GRAMMAR_COMPILE_TIMEOUT_S="
-            f"{self.limits.compile_timeout_s:g} s; simplify it (fewer enum values, less nesting)"
-        )
-
-    def _compile(self, constraint: OutputConstraint) -> Compiled:
+    def _build(self, constraint: OutputConstraint) -> Compiled:
         import llguidance
 
         schema = JSON_OBJECT_SCHEMA if constraint.kind == "json_object" else constraint.schema
@@ -154,29 +82,13 @@ class GrammarCache:
         template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if template.is_error():
             raise InvalidRequestError(f"response_format: the schema cannot be compiled: {_short(template.get_error())}")
-        compiled = Compiled(template, frozenset(self.stop_token_ids), self.vocab_size, schema)
-        self.compiles += 1
-        with self._lock:
-            self._lru[constraint] = compiled
-            self._lru.move_to_end(constraint)
-            while len(self._lru) > max(self.limits.cache_size, 0):
-                self._lru.popitem(last=False)
-        return compiled
-
-    def _settle(self, constraint: OutputConstraint, future: concurrent.futures.Future[Compiled]) -> None:
-        with self._lock:
-            self._pending.pop(constraint, None)
-            if constraint in self._too_slow:
-                self._lru.pop(constraint, None)  # refused once for its compile time: keep refusing it
+        return Compiled(template, frozenset(self.stop_token_ids), self.vocab_size, schema)
 
     async def state(self, constraint: OutputConstraint | None) -> GrammarState | None:
         """A fresh per-request matcher for `constraint` (None when unconstrained)."""
         if constraint is None:
             return None
         return GrammarState(await self.get(constraint))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
