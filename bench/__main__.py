@@ -41,7 +41,7 @@ def _workloads(args: argparse.Namespace, folder: Path) -> list[Workload]:
 def run_targets(args: argparse.Namespace, folder: Path, name: str, logs: Path, settings: dict) -> suite.Figures:
     """The doors over each engine, then the peers; one server at a time. A server that fails is listed in
     settings["failures"] and the run goes on."""
-    plan = suite.Plan(args.levels, args.repeats, args.per_level, args.tokens, args.workload_list)
+    plan = suite.Plan(args.levels, args.repeats, args.per_level, args.tokens, args.workload_list, args.min_requests)
     figures: suite.Figures = {}
     failures: list[str] = settings.setdefault("failures", [])
     for engine in args.engines:
@@ -80,7 +80,7 @@ def run_inprocess(args: argparse.Namespace, folder: Path, name: str) -> suite.Fi
 
 
 def _plan(args: argparse.Namespace, levels: list[int], per_level: int) -> suite.Plan:
-    return suite.Plan(levels, args.repeats, per_level, args.tokens, args.workload_list)
+    return suite.Plan(levels, args.repeats, per_level, args.tokens, args.workload_list, args.min_requests)
 
 
 async def _transformers_sweep(
@@ -144,6 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random workload's prompts")
     parser.add_argument("--repeats", type=int, default=3, help="sweeps per target; medians are reported")
     parser.add_argument("--per-level", type=int, default=2, help="requests per client at each level")
+    parser.add_argument(
+        "--min-requests", type=int, default=12, help="requests per level at least (4 at concurrency 1 was too noisy)"
+    )
     parser.add_argument("--quick", action="store_true", help="levels 1 and 32, one repeat (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--label", default="", help="suffix for the result files (a partial run)")

@@ -181,6 +181,7 @@ def assemble(
             "levels": args.levels,
             "repeats": args.repeats,
             "requests_per_client": args.per_level,
+            "min_requests_per_level": args.min_requests,
             "threads": machine.cores,
             **settings,
         },

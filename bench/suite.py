@@ -43,9 +43,10 @@ class Plan:
 
     levels: list[int]
     repeats: int
-    per_level: int  # requests per client at each level (at least 4 per level)
+    per_level: int  # requests per client at each level
     tokens: int
     workloads: list[Workload]
+    min_requests: int = 4  # at least this many requests per level (`make bench`: 12, so the level-1 medians settle)
 
 
 def fastest_dtype(cpu: CpuFeatures | None = None) -> str:
@@ -128,7 +129,7 @@ async def sweep(make_client: Callable[[], object], plan: Plan, levels: list[int]
             results = []
             for c in levels:
                 base = next(numbers)
-                count = max(plan.per_level * c, 4)
+                count = max(plan.per_level * c, plan.min_requests)
                 for _ in range(count):  # reserve the numbers this level uses
                     next(numbers)
                 result = await run_level(lambda i, b=base, one=client: one(b + i), c, count)

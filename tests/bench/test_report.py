@@ -42,7 +42,7 @@ def _result() -> dict:
     }
     inprocess = {"random": {"inprocess/onnx_int4": _rows(210.0, 650.0)}}
     args = argparse.Namespace(
-        tokens=64, prompt_tokens=128, levels=[1, 32], repeats=3, per_level=2,
+        tokens=64, prompt_tokens=128, levels=[1, 32], repeats=3, per_level=2, min_requests=12,
         workload_list=[random_workload(), tutor_workload()],
     )  # fmt: skip
     settings = {"dtype": "bfloat16", "shipped": "gateway/onnx_int4"}
