@@ -51,8 +51,8 @@ def run_targets(args: argparse.Namespace, folder: Path, name: str, logs: Path, s
     if "vllm_serve" in args.peers:
         log.info("peer: vllm serve (--dtype %s)", settings["dtype"])
         try:
-            suite.merge(figures, suite.run_vllm_serve(plan, folder, name, settings["dtype"], logs))
-        except (RuntimeError, TimeoutError) as exc:  # TargetFailed included
+            suite.merge(figures, suite.run_vllm_serve(plan, folder, name, settings["dtype"], logs, failures))
+        except (RuntimeError, TimeoutError) as exc:  # it did not start
             failures.append(f"vllm_serve: {exc}")
     if "llama_server" in args.peers:
         from agent.engine.checkpoints import embedded_gguf

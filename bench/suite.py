@@ -12,6 +12,7 @@ Settings shared by all: threads = usable cores (each engine's default), parallel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -121,32 +122,37 @@ def _median_levels(runs: list[list[LevelResult]]) -> list[dict]:
 async def sweep(make_client: Callable[[], object], plan: Plan, levels: list[int], numbers: Iterator[int]) -> list[dict]:
     """`plan.repeats` sweeps over `levels`; medians per level. Request numbers come from `numbers` and are never
     reused within a target, so a repeat or a higher level never meets a prompt a cache has already seen."""
-    runs: list[list[LevelResult]] = []
-    for rep in range(plan.repeats):
-        client = make_client()
-        try:
-            await client(next(numbers))  # warm-up request, not counted
-            results = []
-            for c in levels:
-                base = next(numbers)
-                count = max(plan.per_level * c, plan.min_requests)
-                for _ in range(count):  # reserve the numbers this level uses
-                    next(numbers)
-                result = await run_level(lambda i, b=base, one=client: one(b + i), c, count)
-                log.info(
-                    "  repeat %d  c=%-3d %8.1f tok/s  ttft p50 %7.1f ms  errors %d  client cpu %.2f s",
-                    rep + 1,
-                    c,
-                    result.tok_per_s,
-                    result.ttft_p50_ms,
-                    result.errors,
-                    result.client_cpu_s,
-                )
-                results.append(result)
-        finally:
-            await client.close()
-        runs.append(results)
+    runs = [await sweep_once(make_client, plan, levels, numbers, rep) for rep in range(plan.repeats)]
     return _median_levels(runs)
+
+
+async def sweep_once(
+    make_client: Callable[[], object], plan: Plan, levels: list[int], numbers: Iterator[int], rep: int = 0
+) -> list[LevelResult]:
+    """One sweep over `levels` with a new client, after one warm-up request (not counted)."""
+    client = make_client()
+    try:
+        await client(next(numbers))
+        results = []
+        for c in levels:
+            base = next(numbers)
+            count = max(plan.per_level * c, plan.min_requests)
+            for _ in range(count):  # reserve the numbers this level uses
+                next(numbers)
+            result = await run_level(lambda i, b=base, one=client: one(b + i), c, count)
+            log.info(
+                "  repeat %d  c=%-3d %8.1f tok/s  ttft p50 %7.1f ms  errors %d  client cpu %.2f s",
+                rep + 1,
+                c,
+                result.tok_per_s,
+                result.ttft_p50_ms,
+                result.errors,
+                result.client_cpu_s,
+            )
+            results.append(result)
+        return results
+    finally:
+        await client.close()
 
 
 Figures = dict[str, dict[str, list[dict]]]  # workload name -> target -> rows
@@ -165,59 +171,85 @@ def _check_alive(proc: subprocess.Popen, target: str, log_path: Path) -> None:
         raise TargetFailed(f"{target}: the server exited with {proc.returncode} (see {log_path})")
 
 
-def _time_server(
-    figures: Figures,
-    target: str,
-    plan: Plan,
-    client_for: Callable[[Workload], Callable[[], object]],
-    proc: subprocess.Popen,
-    log_path: Path,
-) -> None:
-    """Every workload against one running server; a server that dies meanwhile fails the target (its figures,
-    taken while it was crashing, are not kept)."""
+@dataclass
+class Timed:
+    """A running server and how to time it: `client_for(workload)` makes the client factory for one sweep."""
+
+    target: str
+    client_for: Callable[[Workload], Callable[[], object]]
+    proc: subprocess.Popen
+    log_path: Path
+
+
+def _time_servers(figures: Figures, plan: Plan, servers: list[Timed], failures: list[str]) -> None:
+    """Every workload against servers that run side by side, their sweeps interleaved (A B, then B A, ...): on a
+    shared machine the load drifts over minutes, and timed one after the other the door compared second got
+    other minutes (the in-process door measured 159, 181 and 199 tok/s at 32 in three sweeps in a row). A server
+    that dies fails its target (its figures, taken while it was crashing, are not kept); the others go on."""
+    live = list(servers)
     for workload in plan.workloads:
-        log.info("%s, workload %s", target, workload.name)
-        _check_alive(proc, target, log_path)
-        rows = asyncio.run(sweep(client_for(workload), plan, plan.levels, itertools.count()))
-        _check_alive(proc, target, log_path)
-        _record(figures, workload, target, rows)
+        numbers = {s.target: itertools.count() for s in live}
+        runs: dict[str, list[list[LevelResult]]] = {s.target: [] for s in live}
+        for rep in range(plan.repeats):
+            for server in live if rep % 2 == 0 else live[::-1]:
+                log.info("%s, workload %s, repeat %d", server.target, workload.name, rep + 1)
+                try:
+                    _check_alive(server.proc, server.target, server.log_path)
+                    make_client = server.client_for(workload)
+                    runs[server.target].append(
+                        asyncio.run(sweep_once(make_client, plan, plan.levels, numbers[server.target], rep))
+                    )
+                    _check_alive(server.proc, server.target, server.log_path)
+                except TargetFailed as exc:
+                    _failed(failures, server.target, exc)
+                    runs.pop(server.target)
+            live = [s for s in live if s.target in runs]
+        for target, target_runs in runs.items():
+            _record(figures, workload, target, _median_levels(target_runs))
 
 
 def run_doors(
     engine: str, doors: list[str], plan: Plan, model: str, dtype: str, logs: Path, failures: list[str]
 ) -> Figures:
-    """`engine` behind each asked door: one `dsa-agent serve` for `fastapi`, one `dsa-agent up` for the rest. A
-    server that fails is recorded in `failures` and the other doors still run."""
+    """`engine` behind each asked door: one `dsa-agent serve` for `fastapi`, one `dsa-agent up` for the rest, both
+    running while their doors are timed in turn. A server that fails is recorded in `failures` and the other doors
+    still run."""
     figures: Figures = {}
     env = engine_env(engine, dtype)
     tokens = plan.tokens
-    if "fastapi" in doors:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log_path = logs / f"fastapi-{engine}.log"
-        try:
-            with fastapi_door(port, env, log_path) as proc:
-                client_for = lambda w: lambda: OpenAIStream(url, model, tokens, w)  # noqa: E731
-                _time_server(figures, f"fastapi/{engine}", plan, client_for, proc, log_path)
-        except (TargetFailed, RuntimeError, TimeoutError) as exc:
-            _failed(failures, f"fastapi/{engine}", exc)
-    stack = [d for d in doors if d != "fastapi"]
-    if stack:
-        port, http, grpc, metrics = free_port(), free_port(), free_port(), free_port()
-        url, http_url, grpc_url = f"http://127.0.0.1:{port}", f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
-        clients = {
-            "gateway": lambda w: lambda: OpenAIStream(url, model, tokens, w),
-            "triton_http": lambda w: lambda: TritonHttpStream(http_url, TRITON_MODEL, tokens, w),
-            "triton_grpc": lambda w: lambda: TritonGrpcStream(grpc_url, TRITON_MODEL, tokens, w),
-        }
-        log_path = logs / f"stack-{engine}.log"
-        try:
-            with stack_door(port, http, grpc, metrics, env, log_path) as proc:
-                for door in stack:
-                    _time_server(figures, f"{door}/{engine}", plan, clients[door], proc, log_path)
-        except (TargetFailed, RuntimeError, TimeoutError) as exc:
-            _failed(failures, f"{'/'.join(stack)}/{engine}", exc)
+    servers: list[Timed] = []
+    with contextlib.ExitStack() as running:
+        if "fastapi" in doors:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log_path = logs / f"fastapi-{engine}.log"
+            try:
+                proc = running.enter_context(fastapi_door(port, env, log_path))
+                client_for = functools.partial(_openai_client_for, url, model, tokens)
+                servers.append(Timed(f"fastapi/{engine}", client_for, proc, log_path))
+            except (RuntimeError, TimeoutError) as exc:
+                _failed(failures, f"fastapi/{engine}", exc)
+        stack = [d for d in doors if d != "fastapi"]
+        if stack:
+            port, http, grpc, metrics = free_port(), free_port(), free_port(), free_port()
+            url, http_url, grpc_url = f"http://127.0.0.1:{port}", f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
+            clients = {
+                "gateway": functools.partial(_openai_client_for, url, model, tokens),
+                "triton_http": lambda w: lambda: TritonHttpStream(http_url, TRITON_MODEL, tokens, w),
+                "triton_grpc": lambda w: lambda: TritonGrpcStream(grpc_url, TRITON_MODEL, tokens, w),
+            }
+            log_path = logs / f"stack-{engine}.log"
+            try:
+                proc = running.enter_context(stack_door(port, http, grpc, metrics, env, log_path))
+                servers += [Timed(f"{door}/{engine}", clients[door], proc, log_path) for door in stack]
+            except (RuntimeError, TimeoutError) as exc:
+                _failed(failures, f"{'/'.join(stack)}/{engine}", exc)
+        _time_servers(figures, plan, servers, failures)
     return figures
+
+
+def _openai_client_for(url: str, model: str, tokens: int, workload: Workload) -> Callable[[], object]:
+    return lambda: OpenAIStream(url, model, tokens, workload)
 
 
 def _failed(failures: list[str], target: str, exc: BaseException) -> None:
@@ -225,14 +257,14 @@ def _failed(failures: list[str], target: str, exc: BaseException) -> None:
     failures.append(f"{target}: {exc}")
 
 
-def run_vllm_serve(plan: Plan, folder: Path, model: str, dtype: str, logs: Path) -> Figures:
+def run_vllm_serve(plan: Plan, folder: Path, model: str, dtype: str, logs: Path, failures: list[str]) -> Figures:
     figures: Figures = {}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = logs / "vllm_serve.log"
     with vllm_serve(folder, model, port, eager=True, log_path=log_path, dtype=dtype) as proc:
-        client_for = lambda w: lambda: OpenAIStream(url, model, plan.tokens, w)  # noqa: E731
-        _time_server(figures, "vllm_serve", plan, client_for, proc, log_path)
+        client_for = functools.partial(_openai_client_for, url, model, plan.tokens)
+        _time_servers(figures, plan, [Timed("vllm_serve", client_for, proc, log_path)], failures)
     return figures
 
 

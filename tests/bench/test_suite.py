@@ -111,9 +111,48 @@ def test_a_server_that_died_fails_its_target_and_keeps_no_figures(tmp_path: Path
     dead.wait()
     plan = suite.Plan(levels=[1], repeats=1, per_level=1, tokens=3, workloads=[tutor_workload()])
     figures: suite.Figures = {}
-    with pytest.raises(suite.TargetFailed, match="exited with 3"):
-        suite._time_server(figures, "fastapi/x", plan, lambda w: Flaky, dead, tmp_path / "x.log")
-    assert figures == {}
+    failures: list[str] = []
+    servers = [suite.Timed("fastapi/x", lambda w: Flaky, dead, tmp_path / "x.log")]
+    suite._time_servers(figures, plan, servers, failures)
+    assert figures == {} and len(failures) == 1 and "exited with 3" in failures[0]
+
+
+def test_doors_are_timed_interleaved_and_a_dead_one_leaves_the_rotation(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    def client_for(name: str, dies: subprocess.Popen | None = None):
+        """Clients that log which target each sweep went to; `dies` is killed as its target's 2nd sweep ends."""
+
+        class Client:
+            async def __call__(self, i: int) -> RequestSample:
+                return RequestSample(ttft=0.01, e2e=0.02, tokens=3, gaps=[0.005, 0.005])
+
+            async def close(self) -> None:
+                order.append(name)
+                if dies is not None and order.count(name) == 2:
+                    dies.kill()
+                    dies.wait()
+
+        return lambda w: Client
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    doomed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        plan = suite.Plan(levels=[1], repeats=4, per_level=1, tokens=3, workloads=[tutor_workload()])
+        figures: suite.Figures = {}
+        failures: list[str] = []
+        servers = [
+            suite.Timed("a", client_for("a"), alive, tmp_path / "a.log"),
+            suite.Timed("b", client_for("b", dies=doomed), doomed, tmp_path / "b.log"),
+        ]
+        suite._time_servers(figures, plan, servers, failures)
+    finally:
+        alive.kill()
+    # A B, then B A (b dies after its second sweep: that sweep is not kept, b leaves), then a alone.
+    assert order == ["a", "b", "b", "a", "a", "a"]
+    rows = figures[tutor_workload().name]
+    assert set(rows) == {"a"} and rows["a"][0]["repeats"] == 4
+    assert len(failures) == 1 and failures[0].startswith("b: ")
 
 
 def test_the_server_helper_yields_a_live_process_and_stops_its_group(tmp_path: Path) -> None:
