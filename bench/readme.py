@@ -28,6 +28,12 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f} %"
 
 
+def _ms_more(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{abs(value):.1f} ms {'more' if value >= 0 else 'less'}"
+
+
 def _x(value: float | None) -> str:
     return "–" if value is None else f"**{value:.2f}x**"
 
@@ -56,14 +62,16 @@ def section(result: dict, link: str) -> str:
                 f"| {label(target)} | {one.get('tok_per_s', float('nan')):.1f} | "
                 f"{many.get('tok_per_s', float('nan')):.1f} | {many.get('ttft_p50_ms', float('nan')):.1f} |"
             )
+    costs = [r.get(f"gateway_overhead_at_{n}") for n in (1, 32)]
+    noise = "a negative cost is this shared machine's noise; " if any(c is not None and c < 0 for c in costs) else ""
     lines += [
         "",
         f"Ratios in that run (first workload): `make run` ({label(shipped)}) / llama-server = "
         f"{_x(r.get('shipped_vs_llama_server_at_1'))} at 1 and {_x(r.get('shipped_vs_llama_server_at_32'))} at 32; "
         f"/ `vllm serve` = {_x(r.get('shipped_vs_vllm_serve_at_1'))} at 1 and "
         f"{_x(r.get('shipped_vs_vllm_serve_at_32'))} at 32; the gateway costs {_pct(r.get('gateway_overhead_at_1'))} "
-        f"of tok/s at 1 and {_pct(r.get('gateway_overhead_at_32'))} at 32 (TTFT "
-        f"{r.get('gateway_ttft_overhead_ms_at_1')} ms more at 1) against FastAPI with the engine in-process. "
+        f"of tok/s at 1 and {_pct(r.get('gateway_overhead_at_32'))} at 32 ({noise}TTFT "
+        f"{_ms_more(r.get('gateway_ttft_overhead_ms_at_1'))} at 1) against FastAPI with the engine in-process. "
         f"`make run` reaches {_pct(f.get('shipped_at_1'))} of its bandwidth floor at 1 "
         f"and {_pct(f.get('shipped_at_32'))} of its compute floor at 32.",
         "",
