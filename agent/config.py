@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     """Engine: auto, transformers, vllm, onnx, openvino, triton (gateway: forward to the Triton server at
     TRITON_GRPC_URL). auto decides by device, model, QUANTIZATION_TYPE and the CPU's instruction sets
     (docs/engines.md): on CPU, onnx for int4/int8 text models, and for none onnx (fp32) unless the CPU has native
-    bf16 (AVX-512 BF16, AMX), where vLLM (bf16) is picked; transformers for vision models on CPU; vLLM on CUDA.
-    The choice and why are logged at load."""
+    bf16 (AVX-512 BF16, AMX) and the model more than 250M parameters, where vLLM (bf16) is picked; openvino for
+    vision models on CPU (transformers where it cannot export them); vLLM on CUDA. The choice and why are logged
+    at load."""
     device: Device = Device.auto
     """Where the model runs: auto (cuda when available), cpu, cuda."""
     dtype: DType = DType.auto

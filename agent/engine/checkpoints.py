@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -124,3 +125,23 @@ def _from_hub(repo_id: str) -> ResolvedModel:
             f"MODEL_PATH={repo_id!r}: could not fetch from the hub ({type(exc).__name__}: {exc})"
         ) from exc
     return ResolvedModel(folder=folder, name=repo_id, source="hub")
+
+
+def parameter_count(folder: Path) -> int | None:
+    """The parameters in a Hugging Face folder's safetensors files, read from their headers only (no weights are
+    loaded); None when the folder has no safetensors file or one cannot be read."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    try:
+        for path in files:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    total += math.prod(entry["shape"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return total

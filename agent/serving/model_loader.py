@@ -6,7 +6,8 @@ Strategy rules for LOADING_STRATEGY=auto (measured on CPU, see docs/engines.md; 
 |--------|--------|--------------------------|-------------------|--------------|-----|
 | cpu    | text   | int4, int8               | any               | onnx         | 3.2x vLLM at 1 (int4), 1.8x at 32 |
 | cpu    | text   | none, DTYPE=auto         | no native bf16    | onnx (fp32)  | vLLM emulates bf16: 7.5 tok/s |
-| cpu    | text   | none, DTYPE=auto         | avx512_bf16 / amx | vllm (bf16)  | ONNX fp32 1.13x, twice the memory |
+| cpu    | text   | none, DTYPE=auto, ≤ 250M | avx512_bf16 / amx | onnx (fp32)  | faster than vLLM bf16 (small model) |
+| cpu    | text   | none, DTYPE=auto, larger | avx512_bf16 / amx | vllm (bf16)  | half fp32's bytes and memory |
 | cpu    | text   | none, DTYPE=float32      | any               | onnx (fp32)  | faster than vLLM in fp32 or bf16 |
 | cpu    | text   | none, DTYPE=bfloat16     | any               | vllm (bf16)  | the ONNX engine runs fp32 only |
 | cpu    | text   | awq, gptq                | any               | vllm         | the only engine that reads them |
@@ -39,7 +40,7 @@ from typing import Any
 
 from agent.config import Attention, Device, DType, LoadingStrategy, Quantization, Settings
 from agent.engine.base import Engine
-from agent.engine.checkpoints import ResolvedModel, resolve_model
+from agent.engine.checkpoints import ResolvedModel, parameter_count, resolve_model
 from agent.engine.cpu import CpuFeatures, cpu_features
 from agent.engine.errors import EngineError, ModelLoadError
 from agent.engine.spec import EngineSpec
@@ -212,21 +213,37 @@ def _cpu_quantized_text(spec: EngineSpec) -> tuple[LoadingStrategy, str]:
     return LoadingStrategy.transformers, f"QUANTIZATION_TYPE={q} on CPU: bitsandbytes (onnxruntime-genai missing)"
 
 
+# QUANTIZATION_TYPE=none on a CPU with native bf16: up to this many parameters ONNX fp32, above it vLLM bf16. A
+# single stream on ONNX fp32 is bound by reading 4 bytes a parameter per token (the 135M model: 23 ms a token, 63 %
+# of its bandwidth floor on the 2-core EPYC), on vLLM bf16 by its per-step overhead (39-43 ms a token there, for
+# half the bytes); they cross where 4 x parameters / bandwidth reaches that overhead: 250-310M parameters at
+# 26-31 GB/s (docs/engines.md). Larger models also keep their weights in half the memory on vLLM.
+SMALL_MODEL_PARAMS = 250_000_000
+
+
 def _cpu_unquantized_text(spec: EngineSpec, cpu: CpuFeatures) -> tuple[LoadingStrategy, str]:
     """QUANTIZATION_TYPE=none text models on CPU: the engine that runs the wanted dtype fastest on this CPU.
 
     vLLM runs bf16 well only where the CPU has it natively (AVX-512 BF16, AMX); elsewhere (AVX2, e.g. AMD Zen 3) its
-    bf16 is emulated and ONNX fp32 is several times faster. Where bf16 is native the two are within ~13 %, and vLLM's
-    bf16 holds the weights in half the memory (docs/engines.md has the figures)."""
+    bf16 is emulated and ONNX fp32 is several times faster. Where bf16 is native, a small model (at most
+    SMALL_MODEL_PARAMS) still runs faster on ONNX fp32 (its per-step overheads dominate: measured on SmolLM2-135M);
+    a larger one reads its weights for every token, and vLLM's bf16 reads half the bytes from half the memory
+    (docs/engines.md has the figures)."""
     if not _onnx_available():
         return LoadingStrategy.vllm, "QUANTIZATION_TYPE=none on CPU: vLLM (onnxruntime-genai missing)"
     if spec.dtype is DType.bfloat16:
         return LoadingStrategy.vllm, "DTYPE=bfloat16 on CPU: vLLM (the ONNX engine runs fp32 only)"
     if spec.dtype is DType.float32:
         return LoadingStrategy.onnx, "DTYPE=float32 on CPU: ONNX fp32 (faster than vLLM in fp32 and in bf16)"
-    if cpu.native_bf16:
-        return LoadingStrategy.vllm, "QUANTIZATION_TYPE=none, CPU with native bf16: vLLM bf16 (half ONNX fp32's memory)"
-    return LoadingStrategy.onnx, "QUANTIZATION_TYPE=none, CPU without native bf16 (vLLM would emulate it): ONNX fp32"
+    if not cpu.native_bf16:
+        return LoadingStrategy.onnx, "QUANTIZATION_TYPE=none, CPU without native bf16 (vLLM emulates it): ONNX fp32"
+    params = parameter_count(spec.folder)
+    if params is not None and params <= SMALL_MODEL_PARAMS:
+        return LoadingStrategy.onnx, (
+            f"QUANTIZATION_TYPE=none, CPU with native bf16, {params / 1e6:.0f}M parameters: ONNX fp32 "
+            "(measured faster than vLLM bf16 for a model this small)"
+        )
+    return LoadingStrategy.vllm, "QUANTIZATION_TYPE=none, CPU with native bf16: vLLM bf16 (half fp32's bytes, memory)"
 
 
 def engine_class(strategy: LoadingStrategy) -> Any:

@@ -111,3 +111,20 @@ def test_corrupt_gguf_is_a_model_load_error(tmp_path: Path) -> None:
 def test_gguf_suffix_is_case_insensitive(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such .gguf file"):
         resolve_model(str(tmp_path / "MODEL.GGUF"), tmp_path)
+
+
+def write_safetensors_header(path: Path, shapes: dict[str, list[int]]) -> None:
+    """A safetensors file's header alone (what `parameter_count` reads; no tensor data follows)."""
+    tensors = {name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]} for name, shape in shapes.items()}
+    header = json.dumps({"__metadata__": {"format": "pt"}, **tensors}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_parameter_count_reads_the_safetensors_headers(tmp_path: Path, smollm_folder: Path) -> None:
+    assert 130e6 < checkpoints.parameter_count(smollm_folder) < 140e6  # the embedded SmolLM2-135M, converted
+    write_safetensors_header(tmp_path / "model-00001-of-00002.safetensors", {"a": [1000, 1000], "b": [10]})
+    write_safetensors_header(tmp_path / "model-00002-of-00002.safetensors", {"c": [2, 3, 4]})
+    assert checkpoints.parameter_count(tmp_path) == 1_000_000 + 10 + 24
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{not")
+    assert checkpoints.parameter_count(tmp_path) is None  # unreadable: unknown, never a guess
+    assert checkpoints.parameter_count(tmp_path / "empty") is None

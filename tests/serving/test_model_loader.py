@@ -180,12 +180,34 @@ def test_auto_strategy_rules(
 
 
 @pytest.mark.parametrize(
+    ("shapes", "expected"),
+    [
+        ({"embed": [49152, 576], "layers": [100, 576, 1536]}, LoadingStrategy.onnx),  # ~117M: SmolLM2-sized
+        ({"embed": [151936, 4096], "layers": [36, 4096, 12288]}, LoadingStrategy.vllm),  # ~2.4B
+    ],
+)
+def test_auto_unquantized_on_a_native_bf16_cpu_goes_by_model_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shapes: dict, expected: LoadingStrategy
+) -> None:
+    """ONNX fp32 measured faster than vLLM bf16 on the small embedded model; a large model is read per token, and
+    bf16 halves the bytes (model_loader.SMALL_MODEL_PARAMS)."""
+    from tests.engine.test_checkpoints import write_safetensors_header
+
+    monkeypatch.setattr(model_loader, "vllm_available", lambda: True)
+    folder = hf_folder(tmp_path / "m")
+    write_safetensors_header(folder / "model.safetensors", shapes)
+    for cpu in (ZEN4_AVX512_BF16, SAPPHIRE_RAPIDS_AMX):
+        spec = _spec(folder, "cpu", Quantization.none)
+        assert choose_strategy(settings(loading_strategy=LoadingStrategy.auto), spec, cpu) is expected
+
+
+@pytest.mark.parametrize(
     ("cpu", "dtype", "expected"),
     [
         (ZEN3_AVX2, DType.auto, LoadingStrategy.onnx),  # vLLM would emulate bf16: 7.5 tok/s against ONNX's 75
         (SKYLAKE_AVX512, DType.auto, LoadingStrategy.onnx),  # AVX-512 without BF16: emulated too
         (UNKNOWN_CPU, DType.auto, LoadingStrategy.onnx),  # nothing known: the engine that needs no bf16
-        (ZEN4_AVX512_BF16, DType.auto, LoadingStrategy.vllm),  # native bf16: vLLM at half ONNX fp32's memory
+        (ZEN4_AVX512_BF16, DType.auto, LoadingStrategy.vllm),  # native bf16, size unknown (no weights): vLLM bf16
         (SAPPHIRE_RAPIDS_AMX, DType.auto, LoadingStrategy.vllm),
         (ZEN4_AVX512_BF16, DType.float32, LoadingStrategy.onnx),  # fp32 asked: ONNX fp32 beats vLLM fp32
         (ZEN3_AVX2, DType.float32, LoadingStrategy.onnx),
@@ -334,9 +356,9 @@ def test_gguf_file_resolves_to_the_converted_folder(model_cache_dir: Path, smoll
             model_cache_dir=model_cache_dir,
         )
     )
-    from agent.engine.vllm.engine import VllmEngine
+    from agent.engine.onnx.engine import OnnxEngine
 
-    assert isinstance(engine, VllmEngine)  # text model, no quantization, CPU with native bf16 (bf16_cpu): vLLM
+    assert isinstance(engine, OnnxEngine)  # a 135M text model, no quantization, native bf16 (bf16_cpu): ONNX fp32
     assert engine.spec.folder == smollm_folder
     assert engine.spec.name == gguf.stem
     assert (engine.spec.folder / "config.json").is_file()
