@@ -109,13 +109,16 @@ def rewrite(readme: str, generated: str) -> str:
 
 
 def newest_result(folder: Path = RESULTS) -> Path:
-    """The newest result JSON of the current layout (older files have no `by_workload`)."""
+    """The newest result JSON of the current layout (older files have no `by_workload`) that timed `make run`'s
+    target (a partial run, such as two engines through one door, is not the README's)."""
     for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            if "by_workload" in json.loads(path.read_text()):
-                return path
+            result = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        shipped = result.get("settings", {}).get("shipped")
+        if "by_workload" in result and any(shipped in targets for targets in result.get("targets", {}).values()):
+            return path
     raise FileNotFoundError(f"no `make bench` result in {folder}: run `make bench` first")
 
 

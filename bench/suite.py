@@ -31,7 +31,7 @@ from bench.workloads import Workload
 
 log = logging.getLogger("bench")
 
-ENGINES = ("onnx_int4", "onnx_int8", "openvino_int4", "transformers", "vllm")
+ENGINES = ("onnx_int4", "onnx_int8", "onnx_fp32", "openvino_int4", "transformers", "vllm")
 DOORS = ("fastapi", "gateway", "triton_http", "triton_grpc")
 PEERS = ("llama_server", "vllm_serve")
 TRITON_MODEL = "qwen3-vl"  # the model repository's name (the seed's), whatever model it serves
@@ -58,8 +58,9 @@ def fastest_dtype(cpu: CpuFeatures | None = None) -> str:
 
 def engine_env(engine: str, dtype: str) -> dict[str, str]:
     """The environment that makes a door serve `engine` (as a user would set it)."""
-    if engine.startswith("onnx_"):
-        return {"LOADING_STRATEGY": "onnx", "QUANTIZATION_TYPE": engine.removeprefix("onnx_")}
+    if engine.startswith("onnx_"):  # onnx_fp32 is the ONNX engine's build for QUANTIZATION_TYPE=none
+        quantization = engine.removeprefix("onnx_").replace("fp32", "none")
+        return {"LOADING_STRATEGY": "onnx", "QUANTIZATION_TYPE": quantization}
     if engine.startswith("openvino_"):  # OpenVINO's default compute precision (bf16 only where native)
         return {"LOADING_STRATEGY": "openvino", "QUANTIZATION_TYPE": engine.removeprefix("openvino_")}
     return {"LOADING_STRATEGY": engine, "QUANTIZATION_TYPE": "none", "DTYPE": dtype, "MAX_BATCH_SIZE": "32"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ def test_main_rewrites_the_readme_from_the_newest_result(tmp_path: Path) -> None
     results.mkdir()
     (results / "old.json").write_text(json.dumps({"targets": {}}))  # the previous layout: skipped
     (results / "run.json").write_text(json.dumps(_result()))
+    partial = _result()
+    partial["targets"] = {"random": {"fastapi/onnx_fp32": partial["targets"]["random"]["fastapi/onnx_int4"]}}
+    (results / "partial.json").write_text(json.dumps(partial))  # newer, but `make run`'s target is not in it
+    later = (results / "run.json").stat().st_mtime + 60
+    os.utime(results / "partial.json", (later, later))
     target = tmp_path / "README.md"
     target.write_text(README)
     assert readme.newest_result(results) == results / "run.json"

@@ -88,6 +88,8 @@ def test_fastest_dtype_is_bf16_only_where_the_cpu_has_it() -> None:
 
 def test_engine_env_and_weight_format() -> None:
     assert suite.engine_env("onnx_int8", "float32") == {"LOADING_STRATEGY": "onnx", "QUANTIZATION_TYPE": "int8"}
+    assert suite.engine_env("onnx_fp32", "float32") == {"LOADING_STRATEGY": "onnx", "QUANTIZATION_TYPE": "none"}
+    assert suite.weight_format("fastapi/onnx_fp32", "bfloat16") == "fp32"
     assert suite.engine_env("vllm", "float32")["DTYPE"] == "float32"
     assert suite.weight_format("gateway/onnx_int4", "bfloat16") == "int4"
     assert suite.weight_format("inprocess/onnx_int8", "bfloat16") == "int8"
