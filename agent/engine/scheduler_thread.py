@@ -8,8 +8,10 @@ with `notify()`; `stop()` sets `_stopping`, wakes it and waits for the loop to e
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from agent.engine.detokenize import StopMatcher
 from agent.engine.types import FinishReason, GenerationChunk
 
 
@@ -68,44 +70,57 @@ class InboxSchedulerThread(SchedulerThread):
 
 
 class StreamedSequence:
-    """How a sequence (ONNX, OpenVINO) streams a token's text and finishes. A dataclass subclass provides request_id,
-    sink, detokenizer, eos_ids, max_new_tokens, min_new_tokens, finish_reason, on_finish, `_stops` (a
-    StopMatcher) and `_counts()` -> (prompt tokens, completion tokens)."""
+    """How a sequence (ONNX, OpenVINO) streams a token's text and finishes. A dataclass subclass provides the
+    attributes annotated here (annotations of a plain base are not dataclass fields) and `_counts()` -> (prompt
+    tokens, completion tokens)."""
+
+    request_id: str
+    sink: Callable[[GenerationChunk | BaseException], None]
+    detokenizer: Any  # agent.engine.detokenize.IncrementalDetokenizer
+    eos_ids: frozenset[int]
+    max_new_tokens: int
+    min_new_tokens: int
+    finish_reason: FinishReason | None
+    on_finish: Callable[[], None] | None
+    _stops: StopMatcher
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None  # type: ignore[attr-defined]
+        return self.finish_reason is not None
 
     def _stream(self, token: int, count: int) -> None:
         """The `count`-th generated `token`: finish on EOS, a stop string or the length limit, else stream its text."""
-        if token in self.eos_ids and count > self.min_new_tokens:  # type: ignore[attr-defined]
-            self.finish("stop", self._stops.flush())  # type: ignore[attr-defined]
+        if token in self.eos_ids and count > self.min_new_tokens:
+            self.finish("stop", self._stops.flush())
             return
-        text = self._stops.feed(self.detokenizer.push(token))  # type: ignore[attr-defined]
-        if self._stops.stopped:  # type: ignore[attr-defined]
+        text = self._stops.feed(self.detokenizer.push(token))
+        if self._stops.stopped:
             self.finish("stop", text)
-        elif count >= self.max_new_tokens:  # type: ignore[attr-defined]
-            self.finish("length", text + self._stops.flush())  # type: ignore[attr-defined]
+        elif count >= self.max_new_tokens:
+            self.finish("length", text + self._stops.flush())
         elif text:
             self._emit(text, None)
 
     def finish(self, reason: FinishReason, text: str = "") -> None:
-        if not self.finished:
-            self.finish_reason = reason
-            if self.on_finish is not None:  # type: ignore[attr-defined]
-                self.on_finish()  # type: ignore[attr-defined]
+        if self._end(reason):
             self._emit(text, reason)
 
     def fail(self, exc: BaseException) -> None:
-        if not self.finished:
-            self.finish_reason = "error"
-            if self.on_finish is not None:  # type: ignore[attr-defined]
-                self.on_finish()  # type: ignore[attr-defined]
-            self.sink(exc)  # type: ignore[attr-defined]
+        if self._end("error"):
+            self.sink(exc)
+
+    def _end(self, reason: FinishReason) -> bool:
+        """Record how the sequence ended (False if it already had); `on_finish` runs before the last chunk goes."""
+        if self.finished:
+            return False
+        self.finish_reason = reason
+        if self.on_finish is not None:
+            self.on_finish()
+        return True
 
     def _counts(self) -> tuple[int, int]:
         raise NotImplementedError
 
     def _emit(self, text: str, reason: FinishReason | None) -> None:
         prompt, completion = self._counts()
-        self.sink(GenerationChunk(self.request_id, text, prompt, completion, reason))  # type: ignore[attr-defined]
+        self.sink(GenerationChunk(self.request_id, text, prompt, completion, reason))
