@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from bench.load import StreamTimer, run_level
-from bench.suite import engine_env, fastest_dtype
+from bench.suite import engine_env, fastest_dtype, requests_per_level, reserve_prompts
 from bench.targets import fastapi_door, free_port
 from bench.workloads import WORDS
 
@@ -142,10 +142,8 @@ async def measure(url: str, levels: Sequence[int], tokens: int, repeats: int, pe
         for rep in range(repeats):
             for c in levels:
                 order = ARMS if rep % 2 == 0 else ARMS[::-1]  # interleaved: neither arm always goes first
-                count = max(per_level * c, 4)
-                base = next(numbers)
-                for _ in range(count):
-                    next(numbers)
+                count = requests_per_level(per_level, c, minimum=4)
+                base = reserve_prompts(numbers, count)
                 for arm in order:
                     schema = LONG_SCHEMA if arm == "json_schema" else None
                     # Both arms send the same prompts (request numbers base..base+count).

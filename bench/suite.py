@@ -49,6 +49,23 @@ class Plan:
     workloads: list[Workload]
     min_requests: int = 4  # at least this many requests per level (`make bench`: 12, so the level-1 medians settle)
 
+    def requests_at(self, concurrency: int) -> int:
+        return requests_per_level(self.per_level, concurrency, self.min_requests)
+
+
+def requests_per_level(per_level: int, concurrency: int, minimum: int) -> int:
+    """`per_level` requests per client, and at least `minimum` so a low level's medians rest on enough requests."""
+    return max(per_level * concurrency, minimum)
+
+
+def reserve_prompts(numbers: Iterator[int], count: int) -> int:
+    """The first of `count` consecutive prompt numbers, all taken from `numbers`: no later level or arm reuses a
+    prompt (no prefix-cache hit between levels), while the arms of one level can send the same prompts."""
+    base = next(numbers)
+    for _ in range(count - 1):
+        next(numbers)
+    return base
+
 
 def fastest_dtype(cpu: CpuFeatures | None = None) -> str:
     """bf16 only where the CPU has it natively (AVX-512 BF16 or AMX); emulated bf16 crawls, so fp32 elsewhere."""
@@ -136,10 +153,8 @@ async def sweep_once(
         await client(next(numbers))
         results = []
         for c in levels:
-            base = next(numbers)
-            count = max(plan.per_level * c, plan.min_requests)
-            for _ in range(count):  # reserve the numbers this level uses
-                next(numbers)
+            count = plan.requests_at(c)
+            base = reserve_prompts(numbers, count)
             result = await run_level(lambda i, b=base, one=client: one(b + i), c, count)
             log.info(
                 "  repeat %d  c=%-3d %8.1f tok/s  ttft p50 %7.1f ms  errors %d  client cpu %.2f s",

@@ -53,10 +53,14 @@ async def test_a_sweep_through_a_real_door_never_repeats_a_prompt(tmp_path: Path
 
 
 class Flaky:
-    """A client whose odd-numbered requests fail."""
+    """A client whose every other request fails, after a warm-up that succeeds."""
+
+    def __init__(self) -> None:
+        self.calls = 0
 
     async def __call__(self, i: int) -> RequestSample:
-        if i % 2:
+        self.calls += 1
+        if self.calls % 2 == 0:
             raise RuntimeError("refused")
         return RequestSample(ttft=0.01, e2e=0.02, tokens=3, gaps=[0.005, 0.005])
 
@@ -164,3 +168,14 @@ def test_the_server_helper_yields_a_live_process_and_stops_its_group(tmp_path: P
         assert proc.poll() is None
         suite._check_alive(proc, "http", tmp_path / "http.log")  # alive: no error
     assert proc.poll() is not None
+
+
+def test_each_level_gets_fresh_prompts_and_enough_requests() -> None:
+    from bench.suite import Plan, reserve_prompts
+
+    plan = Plan(levels=[1, 4], repeats=1, per_level=2, tokens=8, workloads=[], min_requests=5)
+    assert [plan.requests_at(c) for c in plan.levels] == [5, 8]  # 1 client: the minimum; 4 clients: 2 each
+    numbers = iter(range(100))
+    first = reserve_prompts(numbers, plan.requests_at(1))
+    second = reserve_prompts(numbers, plan.requests_at(4))
+    assert (first, second, next(numbers)) == (0, 5, 13)  # 0-4, then 5-12: no prompt sent at two levels

@@ -12,11 +12,11 @@ Vision models are refused with ModelLoadError (the builder exports only a VL mod
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,13 @@ import numpy as np
 from agent.engine.base import Engine
 from agent.engine.cpu import usable_cores
 from agent.engine.detokenize import IncrementalDetokenizer
-from agent.engine.errors import (
-    EngineFailure,
-    InvalidRequestError,
-    ModelLoadError,
-    NotReadyError,
-    UnsupportedInputError,
-)
+from agent.engine.errors import ModelLoadError, NotReadyError, UnsupportedInputError
 from agent.engine.onnx.build import OnnxBuildOptions, ensure_onnx_model, precision_for
 from agent.engine.onnx.kv import KvPool, KvShape, PrefixCache
 from agent.engine.onnx.runner import DecoderRunner
 from agent.engine.onnx.scheduler import OnnxScheduler, OnnxSequence, SchedulerLimits
 from agent.engine.prompt import render_prompt
+from agent.engine.request_stream import ChunkChannel, check_sampling, room_after
 from agent.engine.spec import EngineSpec
 from agent.engine.structured.grammar import GrammarCache, GrammarLimits, LazyGrammarCache
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
@@ -178,83 +173,36 @@ class OnnxEngine(Engine):
         loaded = self._loaded
         if loaded is None or not loaded.scheduler.alive:
             raise NotReadyError("the ONNX engine is not started", retry_after=5)
-        seq, queue = self._sequence(loaded, request)
+        seq, channel = self._sequence(loaded, request)
         seq.grammar = await loaded.grammars.state(request.sampling.constraint)
         if seq.grammar is not None:
             seq.min_new_tokens = 0  # a completed grammar ends the answer (see Sequence)
         loaded.scheduler.submit(seq)
-        finished = False
-        failure: BaseException | None = None
-        try:
-            while not finished:
-                item = failure or await queue.get()
-                if isinstance(item, BaseException):
-                    raise EngineFailure(f"ONNX generation failed: {item}") from item
-                item, failure = _coalesce(item, queue)
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:  # the caller closed the stream early (client gone): free the request's row
-                loaded.scheduler.abort(request.request_id)
+        # aclosing: a caller that stops early (client gone) aborts the request now, not when the GC finalizes it
+        async with aclosing(channel.chunks("ONNX", lambda: loaded.scheduler.abort(request.request_id))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-    def _sequence(self, loaded: _OnnxModel, request: GenerationRequest) -> tuple[OnnxSequence, asyncio.Queue]:
+    def _sequence(self, loaded: _OnnxModel, request: GenerationRequest) -> tuple[OnnxSequence, ChunkChannel]:
         sampling = request.sampling
         if request.images:
             raise UnsupportedInputError(f"{self.spec.name} is a text-only model (no vision): it cannot see images")
-        if sampling.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be at least 1")
-        if not 0.0 < sampling.top_p <= 1.0:
-            raise InvalidRequestError("top_p must be in (0, 1]")
+        check_sampling(sampling)
         prompt = render_prompt(loaded.tokenizer, request.messages, vision=False, tools=request.tools)
         prompt_ids = np.asarray(loaded.tokenizer.encode(prompt, add_special_tokens=False), dtype=np.int64)
-        room = loaded.context_length - len(prompt_ids)
-        if room < 1:
-            raise InvalidRequestError(
-                f"prompt is {len(prompt_ids)} tokens; the model's context is {loaded.context_length} "
-                "(shorten the message or MAX_HISTORY)"
-            )
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-
-        def sink(item: GenerationChunk | BaseException) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        room = room_after(len(prompt_ids), loaded.context_length)
+        channel = ChunkChannel()
         seq = OnnxSequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
             sampling=sampling,
             max_new_tokens=min(sampling.max_new_tokens, room),
-            sink=sink,
+            sink=channel.put,
             detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt_ids.tolist()),
             eos_ids=loaded.eos_ids,
             rng=np.random.default_rng(sampling.seed),
         )
-        return seq, queue
-
-
-def _coalesce(
-    chunk: GenerationChunk, queue: asyncio.Queue[GenerationChunk | BaseException]
-) -> tuple[GenerationChunk, BaseException | None]:
-    """`chunk` merged with the chunks already waiting behind it: a consumer that fell behind the scheduler (a busy
-    door sending other streams' responses) gets one chunk for them all, text joined and the counts and finish reason
-    of the last, so each response it sends carries several tokens instead of paying its cost per token. A consumer
-    that keeps up finds the queue empty and gets every token on its own. An error waiting behind is returned
-    separately, to be raised after the text before it is delivered."""
-    texts: list[str] = []
-    while not chunk.finished and not queue.empty():
-        following = queue.get_nowait()
-        if isinstance(following, BaseException):
-            return _joined(chunk, texts), following
-        texts.append(chunk.text)
-        chunk = following
-    return _joined(chunk, texts), None
-
-
-def _joined(last: GenerationChunk, texts: list[str]) -> GenerationChunk:
-    if not texts:
-        return last
-    return dataclasses.replace(last, text="".join(texts) + last.text)
+        return seq, channel
 
 
 def _warm_up(runner: DecoderRunner) -> None:

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,6 @@ from agent.engine.base import Engine
 from agent.engine.cpu import usable_cores
 from agent.engine.detokenize import IncrementalDetokenizer
 from agent.engine.errors import (
-    EngineError,
-    EngineFailure,
     InvalidRequestError,
     ModelLoadError,
     NotReadyError,
@@ -42,6 +41,7 @@ from agent.engine.openvino.build import ensure_openvino_model, export_options, m
 from agent.engine.openvino.scheduler import OvScheduler, OvSequence
 from agent.engine.openvino.structured import OvGrammars
 from agent.engine.prompt import render_prompt
+from agent.engine.request_stream import ChunkChannel, check_sampling, room_after
 from agent.engine.spec import EngineSpec
 from agent.engine.structured.grammar import GrammarLimits
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
@@ -192,7 +192,7 @@ class OpenVinoEngine(Engine):
         loaded = self._loaded
         if loaded is None or not loaded.scheduler.alive:
             raise NotReadyError("the OpenVINO engine is not started", retry_after=5)
-        seq, queue = self._sequence(loaded, request)
+        seq, channel = self._sequence(loaded, request)
         constraint = request.sampling.constraint
         if constraint is not None:
             # Compiled (or refused with 400) here before the pipeline sees it (agent.engine.openvino.structured).
@@ -202,51 +202,27 @@ class OpenVinoEngine(Engine):
             seq.config.stop_token_ids = set(loaded.eos_ids)
             seq.min_new_tokens = 0
         loaded.scheduler.submit(seq)
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, EngineError):  # a request error found in the pipeline (status set)
-                    raise item
-                if isinstance(item, BaseException):
-                    raise EngineFailure(f"OpenVINO generation failed: {item}") from item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:  # the caller closed the stream early (client gone): stop the request in the pipeline
-                loaded.scheduler.abort(request.request_id)
+        # aclosing: a caller that stops early (client gone) aborts the request now, not when the GC finalizes it
+        async with aclosing(channel.chunks("OpenVINO", lambda: loaded.scheduler.abort(request.request_id))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-    def _sequence(self, loaded: _Loaded, request: GenerationRequest) -> tuple[OvSequence, asyncio.Queue]:
+    def _sequence(self, loaded: _Loaded, request: GenerationRequest) -> tuple[OvSequence, ChunkChannel]:
         import openvino as ov
 
         sampling = request.sampling
         images = request.images
         if images and not loaded.vision:
             raise UnsupportedInputError(f"{self.spec.name} is a text-only model (no vision): it cannot see images")
-        if sampling.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be at least 1")
-        if not 0.0 < sampling.top_p <= 1.0:
-            raise InvalidRequestError("top_p must be in (0, 1]")
+        check_sampling(sampling)
         prompt = render_prompt(loaded.tokenizer, request.messages, vision=loaded.vision, tools=request.tools)
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
         check_aspect_ratio(images)  # the same 400 as the transformers engine
         # Each image's single placeholder token becomes one token per image_factor^2 pixels of the resized image.
         image_tokens = [self._image_tokens(loaded, img.width, img.height) for img in images]
         prompt_tokens = len(ids) + sum(image_tokens) - len(image_tokens)
-        room = loaded.context_length - prompt_tokens
-        if room < 1:
-            raise InvalidRequestError(
-                f"prompt is {prompt_tokens} tokens; the model's context is {loaded.context_length} "
-                "(shorten the message or MAX_HISTORY)"
-            )
-        max_new = min(sampling.max_new_tokens, room)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-
-        def sink(item: GenerationChunk | BaseException) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        max_new = min(sampling.max_new_tokens, room_after(prompt_tokens, loaded.context_length))
+        channel = ChunkChannel()
         if loaded.vision:
             prompt_input: Any = prompt  # the pipeline expands each image's placeholder itself
             ov_images = [ov.Tensor(np.ascontiguousarray(np.asarray(img.convert("RGB"))[None])) for img in images]
@@ -260,12 +236,12 @@ class OpenVinoEngine(Engine):
             prompt_tokens=prompt_tokens,
             sampling=sampling,
             max_new_tokens=max_new,
-            sink=sink,
+            sink=channel.put,
             detokenizer=IncrementalDetokenizer(loaded.tokenizer, ids),
             eos_ids=loaded.eos_ids,
             config=_generation_config(sampling, max_new),
         )
-        return seq, queue
+        return seq, channel
 
     def _image_tokens(self, loaded: _Loaded, width: int, height: int) -> int:
         """LLM tokens for one image after the processor's resize into the pixel budget (Qwen2/3-VL smart resize)."""

@@ -431,24 +431,3 @@ async def test_long_prompt_is_prefilled_in_chunks_while_others_stream(smollm_fol
         await short.aclose()
     finally:
         await engine.shutdown()
-
-
-async def test_chunks_waiting_for_a_slow_consumer_are_coalesced_in_order() -> None:
-    """A consumer that fell behind gets one chunk for what waited (text joined, the last one's counts and reason);
-    one that keeps up gets every chunk alone; an error waiting behind text comes after that text."""
-    from agent.engine.onnx.engine import _coalesce
-
-    queue: asyncio.Queue = asyncio.Queue()
-    first = GenerationChunk("r", "a", 7, 1)
-    assert _coalesce(first, queue) == (first, None)  # nothing waiting: unchanged
-    for chunk in (GenerationChunk("r", "b", 7, 2), GenerationChunk("r", "c", 7, 3, "length")):
-        queue.put_nowait(chunk)
-    queue.put_nowait(GenerationChunk("r", "never", 7, 4))  # after the final chunk: not consumed
-    merged, failure = _coalesce(first, queue)
-    assert merged == GenerationChunk("r", "abc", 7, 3, "length") and failure is None and queue.qsize() == 1
-
-    boom = RuntimeError("boom")
-    queue = asyncio.Queue()
-    queue.put_nowait(GenerationChunk("r", "b", 7, 2))
-    queue.put_nowait(boom)
-    assert _coalesce(first, queue) == (GenerationChunk("r", "ab", 7, 2), boom)
