@@ -9,7 +9,7 @@ NUMPY_PIN := numpy==1.26.4
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml Makefile agent/client/web/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install install-system run serve triton test test-fast lint format bench bench-readme llama-server lm-eval-venv eval clean
+.PHONY: install install-system run serve triton test test-fast test-avx2 lint format bench bench-readme llama-server lm-eval-venv eval clean
 
 install: $(STAMP)
 
@@ -60,6 +60,10 @@ test: install lint
 test-fast: install
 	bash deploy/install-tools.sh $(VENV)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The CPU-dependent ONNX suite on an emulated AVX2-only CPU (qemu-user), from an AVX-512 machine; ~40 minutes.
+test-avx2: install
+	tests/run-as-avx2.sh $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)

@@ -1,18 +1,55 @@
-"""The event-loop side of a request served by a scheduler thread (ONNX, OpenVINO): the checks every such engine makes
-before queueing a request, the thread-safe channel that carries its chunks from the scheduler thread to the
-request's coroutine, and the loop that yields them to the door.
+"""The event-loop side of the engines whose requests run on one scheduler thread (ONNX, OpenVINO): their common
+lifecycle (`ScheduledEngine`), the checks each makes before queueing a request, the thread-safe channel that carries
+a request's chunks from the scheduler thread to its coroutine, and the loop that yields them to the door.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
-from agent.engine.errors import EngineError, EngineFailure, InvalidRequestError
+from agent.engine.base import Engine
+from agent.engine.errors import EngineError, EngineFailure, InvalidRequestError, NotReadyError
 from agent.engine.types import GenerationChunk, SamplingParams
 
 Item = GenerationChunk | BaseException
+
+
+class ScheduledEngine(Engine):
+    """An engine whose `start()` sets `_loaded` to what it loaded, with at least a `scheduler` (an
+    agent.engine.scheduler_thread.InboxSchedulerThread) and `grammars` (closed on shutdown). `label` names the
+    engine in messages."""
+
+    label: str
+    _loaded: Any = None
+
+    async def shutdown(self) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            await asyncio.to_thread(loaded.scheduler.stop)
+            loaded.grammars.close()
+
+    async def health(self) -> bool:
+        return self._loaded is not None and self._loaded.scheduler.alive
+
+    async def abort(self, request_id: str) -> None:
+        if self._loaded is not None:
+            self._loaded.scheduler.abort(request_id)
+
+    def _running(self) -> Any:
+        """What start() loaded, while its scheduler runs; else NotReadyError (503)."""
+        loaded = self._loaded
+        if loaded is None or not loaded.scheduler.alive:
+            raise NotReadyError(f"the {self.label} engine is not started", retry_after=5)
+        return loaded
+
+    def _submit(self, loaded: Any, seq: Any, channel: ChunkChannel) -> AsyncGenerator[GenerationChunk]:
+        """Queue `seq`; its chunks. Iterate them under contextlib.aclosing, so that a caller who stops early
+        (client gone) aborts the request at once, not whenever the garbage collector finalizes the generator."""
+        loaded.scheduler.submit(seq)
+        return channel.chunks(self.label, lambda: loaded.scheduler.abort(seq.request_id))
 
 
 def check_sampling(sampling: SamplingParams) -> None:
@@ -46,7 +83,7 @@ class ChunkChannel:
         if not self._loop.is_closed():  # a request outliving its loop (shutdown) has no one left to tell
             self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    async def chunks(self, engine: str, abort: Callable[[], None]) -> AsyncIterator[GenerationChunk]:
+    async def chunks(self, engine: str, abort: Callable[[], None]) -> AsyncGenerator[GenerationChunk]:
         """The request's chunks until the finished one. A request error the scheduler found (an EngineError, its
         status set) is raised as it is; anything else ends the request as an EngineFailure naming `engine`. If the
         caller closes the stream early (client gone), `abort` frees the request's place in the scheduler."""

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from agent.engine.base import Engine
 from agent.engine.cpu import usable_cores
 from agent.engine.detokenize import IncrementalDetokenizer
 from agent.engine.errors import ModelLoadError, NotReadyError, UnsupportedInputError
@@ -32,7 +31,7 @@ from agent.engine.onnx.kv import KvPool, KvShape, PrefixCache
 from agent.engine.onnx.runner import DecoderRunner
 from agent.engine.onnx.scheduler import OnnxScheduler, OnnxSequence, SchedulerLimits
 from agent.engine.prompt import render_prompt
-from agent.engine.request_stream import ChunkChannel, check_sampling, room_after
+from agent.engine.request_stream import ChunkChannel, ScheduledEngine, check_sampling, room_after
 from agent.engine.spec import EngineSpec
 from agent.engine.structured.grammar import GrammarCache, GrammarLimits, LazyGrammarCache
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
@@ -56,8 +55,10 @@ class _OnnxModel:
     grammars: LazyGrammarCache
 
 
-class OnnxEngine(Engine):
+class OnnxEngine(ScheduledEngine):
     """Engine on a model built by onnxruntime-genai: continuous batching and a prefix cache over onnxruntime."""
+
+    label = "ONNX"
 
     def __init__(
         self,
@@ -130,15 +131,6 @@ class OnnxEngine(Engine):
             grammars=grammars,
         )
 
-    async def shutdown(self) -> None:
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None:
-            await asyncio.to_thread(loaded.scheduler.stop)
-            loaded.grammars.close()
-
-    async def health(self) -> bool:
-        return self._loaded is not None and self._loaded.scheduler.alive
-
     def info(self) -> EngineInfo:
         loaded = self._loaded
         precision = {"int4": "int4", "int8": "int8"}.get(self.spec.quantization.value, "float32")
@@ -165,21 +157,13 @@ class OnnxEngine(Engine):
         return self._loaded.onnx_path if self._loaded else None
 
     # --- requests ------------------------------------------------------------------------------------------------
-    async def abort(self, request_id: str) -> None:
-        if self._loaded is not None:
-            self._loaded.scheduler.abort(request_id)
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        loaded = self._loaded
-        if loaded is None or not loaded.scheduler.alive:
-            raise NotReadyError("the ONNX engine is not started", retry_after=5)
+        loaded: _OnnxModel = self._running()
         seq, channel = self._sequence(loaded, request)
         seq.grammar = await loaded.grammars.state(request.sampling.constraint)
         if seq.grammar is not None:
             seq.min_new_tokens = 0  # a completed grammar ends the answer (see Sequence)
-        loaded.scheduler.submit(seq)
-        # aclosing: a caller that stops early (client gone) aborts the request now, not when the GC finalizes it
-        async with aclosing(channel.chunks("ONNX", lambda: loaded.scheduler.abort(request.request_id))) as chunks:
+        async with aclosing(self._submit(loaded, seq, channel)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

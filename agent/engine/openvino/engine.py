@@ -27,13 +27,11 @@ from typing import Any
 import numpy as np
 
 from agent.config import DType
-from agent.engine.base import Engine
 from agent.engine.cpu import usable_cores
 from agent.engine.detokenize import IncrementalDetokenizer
 from agent.engine.errors import (
     InvalidRequestError,
     ModelLoadError,
-    NotReadyError,
     UnsupportedInputError,
 )
 from agent.engine.images import check_aspect_ratio
@@ -41,7 +39,7 @@ from agent.engine.openvino.build import ensure_openvino_model, export_options, m
 from agent.engine.openvino.scheduler import OvScheduler, OvSequence
 from agent.engine.openvino.structured import OvGrammars
 from agent.engine.prompt import render_prompt
-from agent.engine.request_stream import ChunkChannel, check_sampling, room_after
+from agent.engine.request_stream import ChunkChannel, ScheduledEngine, check_sampling, room_after
 from agent.engine.spec import EngineSpec
 from agent.engine.structured.grammar import GrammarLimits
 from agent.engine.types import EngineInfo, EngineStats, GenerationChunk, GenerationRequest
@@ -68,8 +66,10 @@ class _Loaded:
     grammars: OvGrammars  # structured output: checked and compiled here, enforced by the pipeline
 
 
-class OpenVinoEngine(Engine):
+class OpenVinoEngine(ScheduledEngine):
     """Engine on an optimum-intel export, served by OpenVINO GenAI's ContinuousBatchingPipeline on CPU."""
+
+    label = "OpenVINO"
 
     def __init__(self, spec: EngineSpec, *, threads: int | None = None) -> None:
         self.spec = spec
@@ -156,15 +156,6 @@ class OpenVinoEngine(Engine):
             props["INFERENCE_PRECISION_HINT"] = "bf16"
         return props
 
-    async def shutdown(self) -> None:
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None:
-            await asyncio.to_thread(loaded.scheduler.stop)
-            loaded.grammars.close()
-
-    async def health(self) -> bool:
-        return self._loaded is not None and self._loaded.scheduler.alive
-
     def info(self) -> EngineInfo:
         loaded = self._loaded
         return EngineInfo(
@@ -184,14 +175,8 @@ class OpenVinoEngine(Engine):
         return self._loaded.model_path if self._loaded else None
 
     # --- requests ------------------------------------------------------------------------------------------------
-    async def abort(self, request_id: str) -> None:
-        if self._loaded is not None:
-            self._loaded.scheduler.abort(request_id)
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        loaded = self._loaded
-        if loaded is None or not loaded.scheduler.alive:
-            raise NotReadyError("the OpenVINO engine is not started", retry_after=5)
+        loaded: _Loaded = self._running()
         seq, channel = self._sequence(loaded, request)
         constraint = request.sampling.constraint
         if constraint is not None:
@@ -201,9 +186,7 @@ class OpenVinoEngine(Engine):
             # with `stop` (ignore_eos cannot outlast a completed grammar, as in the other engines).
             seq.config.stop_token_ids = set(loaded.eos_ids)
             seq.min_new_tokens = 0
-        loaded.scheduler.submit(seq)
-        # aclosing: a caller that stops early (client gone) aborts the request now, not when the GC finalizes it
-        async with aclosing(channel.chunks("OpenVINO", lambda: loaded.scheduler.abort(request.request_id))) as chunks:
+        async with aclosing(self._submit(loaded, seq, channel)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
