@@ -273,3 +273,27 @@ def test_prepare_exports_when_the_settings_choose_openvino(
         _prebuild_openvino(Settings(loading_strategy="openvino", **common), resolved)
     options = export_options(Quantization.none, json.loads((tiny_vl_folder / "config.json").read_text()))
     assert f"OpenVINO model ready: {cache_entry(tiny_vl_folder, model_cache_dir, options)}" in caplog.text
+
+
+@pytest.mark.slow
+async def test_shutdown_with_a_stream_open_leaves_the_pipeline_nothing_to_free(smollm_spec: EngineSpec) -> None:
+    """A stream still open at shutdown is aborted and its KV blocks freed before the pipeline goes (else OpenVINO logs
+    "BlockManager leaked sequence block tables" as it is destroyed)."""
+    from agent.engine.openvino.engine import OpenVinoEngine
+
+    engine = OpenVinoEngine(smollm_spec)
+    await engine.start()
+    pipeline = engine._loaded.scheduler.pipeline
+    stream = engine.generate(
+        GenerationRequest(
+            (Message.text("user", "Count to a hundred."),), SamplingParams(max_new_tokens=64, temperature=0)
+        )
+    )
+    try:
+        await anext(stream)
+        assert pipeline.has_non_finished_requests()
+        await engine.shutdown()
+        assert not pipeline.has_non_finished_requests()
+    finally:
+        await stream.aclose()
+        await engine.shutdown()
