@@ -61,7 +61,7 @@ test-fast: install
 	bash deploy/install-tools.sh $(VENV)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The CPU-dependent ONNX suite on an emulated AVX2-only CPU (qemu-user), from an AVX-512 machine; ~40 minutes.
+# The ONNX engine's suites on an emulated AVX2-only CPU (qemu-user), from an AVX-512 machine; ~45 minutes.
 test-avx2: install
 	tests/run-as-avx2.sh $(PYTEST_ARGS)
 

@@ -20,5 +20,7 @@ capability = torch.backends.cpu.get_cpu_capability()
 assert capability == "AVX2", f"the emulated CPU offers {capability}, not AVX2 only"
 print("emulated CPU: torch kernels", capability)'
 
-"${emulate[@]}" "$PY" -m pytest -p no:cacheprovider -o timeout=3600 -rs \
-    tests/engine/onnx/test_onnx_engine.py "$@"
+# The ONNX engine's own suites and its runs of the engine and structured-output contracts (a -k in the arguments
+# replaces `-k onnx`: pytest keeps the last).
+"${emulate[@]}" "$PY" -m pytest -p no:cacheprovider -o timeout=3600 -rs -k onnx \
+    tests/engine/onnx tests/engine/test_contract.py tests/engine/test_structured_contract.py "$@"
