@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the figures
 
     from agent.config import load_settings
-    from agent.engine.checkpoints import resolve_model
+    from agent.engine.checkpoints import parameter_count, resolve_model
 
     args.model_cache_dir = load_settings().model_cache_dir
     resolved = resolve_model(None, args.model_cache_dir)
@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         settings["llama_server"] = llama_server.build_info(args.model_cache_dir)  # flags, source, no machine path
     log.info("measuring the machine's floor")
     machine = floor.measure_machine()
-    params = floor.count_params(str(resolved.folder))
+    params = parameter_count(resolved.folder)  # the loader's own count (safetensors headers)
+    if params is None:
+        raise SystemExit(f"cannot count the parameters of {resolved.folder} (no readable safetensors file)")
     figures = run_targets(args, resolved.folder, resolved.name, logs, settings)
     inprocess = run_inprocess(args, resolved.folder, resolved.name)
     images = report.image_workload(args) if args.images else []

@@ -134,18 +134,3 @@ def model_floor_tok_s(params: int, bytes_per_param: float, batch: int, machine: 
     flops = (machine.matmul_bf16_gflops if bf16 else machine.matmul_fp32_gflops) * 1e9
     step = max(params * bytes_per_param / (machine.read_gb_s * 1e9), 2 * params * batch / flops)
     return batch / step
-
-
-def count_params(folder: str) -> int:
-    """Parameters of a safetensors folder, read from the file headers (no weights loaded)."""
-    import json
-    import struct
-    from math import prod
-    from pathlib import Path
-
-    total = 0
-    for f in Path(folder).glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        total += sum(prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total

@@ -227,9 +227,8 @@ def _cpu_unquantized_text(spec: EngineSpec, cpu: CpuFeatures) -> tuple[LoadingSt
     vLLM runs bf16 well only where the CPU has it natively (AVX-512 BF16, AMX); elsewhere (AVX2, e.g. AMD Zen 3) its
     bf16 is emulated and ONNX fp32 is several times faster. Where bf16 is native, a small model (at most
     SMALL_MODEL_PARAMS) still runs faster on ONNX fp32 (vLLM's per-step overhead outweighs fp32's extra bytes:
-    measured on SmolLM2-135M);
-    a larger one reads its weights for every token, and vLLM's bf16 reads half the bytes from half the memory
-    (docs/engines.md has the figures)."""
+    measured on SmolLM2-135M); a larger one reads its weights for every token, and vLLM's bf16 reads half the bytes
+    from half the memory (docs/engines.md has the figures)."""
     if not _onnx_available():
         return LoadingStrategy.vllm, "QUANTIZATION_TYPE=none on CPU: vLLM (onnxruntime-genai missing)"
     if spec.dtype is DType.bfloat16:
